@@ -1,0 +1,135 @@
+"""LightningDataModules: MVTec AD layout (with the built-in synthetic set as default) and plain folders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from aoi_lightning.data.mvtec import SPLIT_POLICIES, AnomalyDataset, DataError, Sample, apply_policy, list_images, scan_mvtec
+
+log = logging.getLogger(__name__)
+
+
+class MVTecDataModule(pl.LightningDataModule):
+    """MVTec AD style data: `<root>/<category>/train/good`, `test/<type>`, `ground_truth/<type>/<stem><suffix>.*`.
+
+    Args:
+        root: data root; None uses the built-in synthetic inspection set (generated on demand into the cache,
+            `$AOI_CACHE_DIR` or `~/.cache/aoi_lightning`).
+        category: category folder under root.
+        image_size: model input size (square).
+        mask_suffix: suffix of mask file stems.
+        val_split: `test_half` (seeded half of each test defect type; test metrics on the other half),
+            `same_as_test` (validation = test; optimistic), `calibration` (held-out good training images;
+            good-only calibration) or `none`.
+        val_fraction: fraction of each test defect type used for validation with `test_half`.
+        calibration_fraction: fraction of the good training images held out with `calibration`.
+        seed: seed of the splits.
+        train_batch_size: batch size of the fit pass.
+        eval_batch_size: batch size of validation, test and predict.
+        num_workers: DataLoader worker processes (image decoding).
+        predict_dir: folder of images for `aoi predict` (default: the test set).
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        category: str = "synthetic",
+        image_size: int = 256,
+        mask_suffix: str = "_mask",
+        val_split: str = "test_half",
+        val_fraction: float = 0.5,
+        calibration_fraction: float = 0.2,
+        seed: int = 0,
+        train_batch_size: int = 32,
+        eval_batch_size: int = 32,
+        num_workers: int = 2,
+        predict_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if val_split not in SPLIT_POLICIES:
+            raise DataError(f"data.val_split: {val_split!r} is not one of {', '.join(SPLIT_POLICIES)}")
+        if image_size < 32:
+            raise DataError(f"data.image_size must be >= 32, got {image_size}")
+        self.root = root
+        self.category = category
+        self.image_size = (int(image_size), int(image_size))
+        self.mask_suffix = mask_suffix
+        self.val_split = val_split
+        self.val_fraction = val_fraction
+        self.calibration_fraction = calibration_fraction
+        self.seed = seed
+        self.train_batch_size = train_batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.predict_dir = predict_dir
+        self.train_samples: list[Sample] = []
+        self.val_samples: list[Sample] = []
+        self.test_samples: list[Sample] = []
+
+    @property
+    def data_root(self) -> Path:
+        if self.root is None:
+            from aoi_lightning.data.synthetic import ensure_synthetic
+
+            return Path(ensure_synthetic(category=self.category))
+        return Path(self.root).expanduser()
+
+    def prepare_data(self) -> None:
+        _ = self.data_root  # generates the synthetic set once, on rank zero
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_samples:
+            return
+        train, test = scan_mvtec(self.data_root, self.category, self.mask_suffix)
+        self.train_samples, self.val_samples, self.test_samples = apply_policy(
+            train, test, self.val_split, self.val_fraction, self.calibration_fraction, self.seed
+        )
+
+    def _loader(self, samples: list[Sample], batch_size: int) -> DataLoader:
+        return DataLoader(
+            AnomalyDataset(samples, self.image_size),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_samples, self.train_batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_samples, self.eval_batch_size) if self.val_samples else []
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.test_samples:
+            raise DataError(f"data: no test images under {self.data_root / self.category / 'test'}")
+        return self._loader(self.test_samples, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_dir:
+            folder = Path(self.predict_dir).expanduser()
+            if not folder.is_dir():
+                raise DataError(f"data.predict_dir: folder not found: {folder}")
+            samples = [Sample(str(p), -1, "unknown", None, "predict") for p in list_images(folder, recursive=True)]
+            return self._loader(samples, self.eval_batch_size)
+        return self.test_dataloader()
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The training images for scoring (preds_train.jsonl, quantile thresholds)."""
+        return self._loader(self.train_samples, self.eval_batch_size)
+
+    def summary(self) -> dict:
+        """Data facts for meta.json."""
+        return {
+            "root": str(self.data_root),
+            "category": self.category,
+            "image_size": list(self.image_size),
+            "val_split": self.val_split,
+            "num_train": len(self.train_samples),
+            "num_val": len(self.val_samples),
+            "num_test": len(self.test_samples),
+        }

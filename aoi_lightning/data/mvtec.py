@@ -1,0 +1,187 @@
+"""MVTec AD layout: scanning, validation split policies and the torch Dataset."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from aoi_lightning.data.image_io import (
+    ImageReadError,
+    is_image_file,
+    read_image,
+    read_mask,
+    resize_image,
+    resize_mask,
+)
+
+log = logging.getLogger(__name__)
+
+SPLIT_POLICIES = ("test_half", "same_as_test", "calibration", "none")
+
+
+class DataError(ValueError):
+    """A data root or category that does not fit the MVTec layout; the message names what is wrong."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a data set. `label` is 0 good, 1 defective, -1 unknown; `split` is train/val/test."""
+
+    image_path: str
+    label: int
+    defect_type: str
+    mask_path: str | None
+    split: str
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files of a folder in sorted order (hidden files skipped)."""
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+
+
+def find_mask(gt_dir: Path, stem: str, mask_suffix: str) -> Path | None:
+    """The mask of image `stem`: `<stem><mask_suffix>.<any image extension>` in `gt_dir`."""
+    if not gt_dir.is_dir():
+        return None
+    for candidate in sorted(gt_dir.glob(f"{stem}{mask_suffix}.*")):
+        if is_image_file(candidate) and candidate.stem == f"{stem}{mask_suffix}":
+            return candidate
+    return None
+
+
+def scan_mvtec(root: str | Path, category: str, mask_suffix: str = "_mask") -> tuple[list[Sample], list[Sample]]:
+    """Train (good) and test samples of `<root>/<category>`.
+
+    Raises:
+        DataError: missing root, unknown category (the message lists the available ones), no training images.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root: folder not found: {root}")
+    base = root / category
+    if not base.is_dir():
+        cats = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+        raise DataError(f"data.category: {category!r} not found in {root}; available: {', '.join(cats) or 'none'}")
+    train_dir = base / "train" / "good"
+    train = [Sample(str(p), 0, "good", None, "train") for p in list_images(train_dir)]
+    if not train:
+        raise DataError(f"data: no training images in {train_dir} (expected <root>/<category>/train/good/*.png)")
+    test: list[Sample] = []
+    test_dir = base / "test"
+    if test_dir.is_dir():
+        for sub in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+            defect = sub.name
+            for path in list_images(sub):
+                if defect == "good":
+                    test.append(Sample(str(path), 0, "good", None, "test"))
+                else:
+                    mask = find_mask(base / "ground_truth" / defect, path.stem, mask_suffix)
+                    test.append(Sample(str(path), 1, defect, str(mask) if mask else None, "test"))
+    missing = [s.image_path for s in test if s.label == 1 and s.mask_path is None]
+    if missing:
+        log.warning("%d defective test images have no mask (excluded from pixel metrics), e.g. %s", len(missing), missing[0])
+    return train, test
+
+
+def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Seeded split per defect type: `fraction` of each type (rounded down, at least one where the type has
+    two or more images) goes to the first list, the rest to the second. Order within lists follows input."""
+    chosen: set[str] = set()
+    by_type: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_type.setdefault(s.defect_type, []).append(s)
+    rng = random.Random(seed)
+    for defect in sorted(by_type):
+        items = sorted(by_type[defect], key=lambda s: s.image_path)
+        n = len(items)
+        k = int(n * fraction)
+        if n >= 2:
+            k = min(max(k, 1), n - 1)
+        for s in rng.sample(items, k):
+            chosen.add(s.image_path)
+    first = [s for s in samples if s.image_path in chosen]
+    second = [s for s in samples if s.image_path not in chosen]
+    return first, second
+
+
+def _with_split(samples: list[Sample], split: str) -> list[Sample]:
+    return [Sample(s.image_path, s.label, s.defect_type, s.mask_path, split) for s in samples]
+
+
+def apply_policy(
+    train: list[Sample], test: list[Sample], policy: str, val_fraction: float, calibration_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """(train, val, test) for a split policy. In `test_half` test images are tagged val or test, and the
+    returned test list is the whole test folder (tagged), so one pass yields val, test and full-test metrics."""
+    if policy not in SPLIT_POLICIES:
+        raise DataError(f"data.val_split: {policy!r} is not one of {', '.join(SPLIT_POLICIES)}")
+    if policy == "test_half":
+        val, rest = stratified_split(test, val_fraction, seed)
+        val = _with_split(val, "val")
+        keep = {s.image_path for s in val}
+        tagged = [s if s.image_path not in keep else Sample(s.image_path, s.label, s.defect_type, s.mask_path, "val") for s in test]
+        return train, val, tagged
+    if policy == "same_as_test":
+        return train, _with_split(test, "val"), test
+    if policy == "calibration":
+        held, fit = stratified_split(train, calibration_fraction, seed)
+        if not fit:
+            raise DataError("data.calibration_fraction leaves no training images")
+        return fit, _with_split(held, "val"), test
+    return train, [], test
+
+
+class AnomalyDataset(Dataset):
+    """Samples -> dicts of tensors. Unreadable images give an `error` string and a blank image, not an exception.
+
+    Item keys: image (3, H, W) float in [0, 1], mask (1, H, W) uint8, has_mask, label, defect_type, split,
+    image_path, original_size (2,) [h, w], index, error.
+    """
+
+    def __init__(self, samples: list[Sample], image_size: tuple[int, int]) -> None:
+        self.samples = samples
+        self.image_size = tuple(image_size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.samples[index]
+        h, w = self.image_size
+        error = ""
+        original = (0, 0)
+        try:
+            img = read_image(s.image_path)
+            original = img.shape[:2]
+            img = resize_image(img, (h, w))
+        except ImageReadError as exc:
+            error = str(exc)
+            img = np.zeros((h, w, 3), dtype=np.uint8)
+        has_mask = s.label == 0 or s.mask_path is not None
+        mask = np.zeros((h, w), dtype=np.uint8)
+        if s.mask_path is not None and not error:
+            try:
+                mask = resize_mask(read_mask(s.mask_path), (h, w))
+            except ImageReadError as exc:
+                log.warning("%s", exc)
+                has_mask = False
+        image = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+        return {
+            "image": image,
+            "mask": torch.from_numpy(mask).unsqueeze(0),
+            "has_mask": has_mask and not error,
+            "label": s.label,
+            "defect_type": s.defect_type,
+            "split": s.split,
+            "image_path": s.image_path,
+            "original_size": torch.tensor(original, dtype=torch.int64),
+            "index": index,
+            "error": error,
+        }

@@ -1,0 +1,96 @@
+"""Per-position multivariate Gaussian: streaming moments, Cholesky whitening, batched Mahalanobis distance."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class StreamingMoments:
+    """Streaming sum and sum of outer products per position, in float64, shifted for numerical stability.
+
+    Memory is (P, C, C) whatever the number of images. Feed (B, C, P) batches with `update`.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.shift: torch.Tensor | None = None  # (C, P)
+        self.sum: torch.Tensor | None = None  # (C, P)
+        self.outer: torch.Tensor | None = None  # (P, C, C)
+
+    def update(self, embeddings: torch.Tensor) -> None:
+        """Add a batch of embeddings (B, C, P)."""
+        x = embeddings.detach().to(torch.float64)
+        if self.shift is None:
+            self.shift = x.mean(dim=0)
+            channels, positions = self.shift.shape
+            self.sum = torch.zeros(channels, positions, dtype=torch.float64, device=x.device)
+            self.outer = torch.zeros(positions, channels, channels, dtype=torch.float64, device=x.device)
+        centred = x - self.shift
+        self.sum += centred.sum(dim=0)
+        # (P, C, B) @ (P, B, C) -> (P, C, C): one batched matmul per batch
+        per_pos = centred.permute(2, 1, 0)
+        self.outer.baddbmm_(per_pos, per_pos.transpose(1, 2))
+        self.count += x.shape[0]
+
+    def merge_(self, other_sum: torch.Tensor, other_outer: torch.Tensor, other_count: int) -> None:
+        """Add moments computed elsewhere with the same shift (used to combine ranks)."""
+        self.sum += other_sum
+        self.outer += other_outer
+        self.count += other_count
+
+    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (C, P) and unbiased covariance (P, C, C), float64."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 training images to estimate a covariance, got {self.count}")
+        n = self.count
+        m = self.sum / n  # mean of centred data (C, P)
+        mean = self.shift + m
+        mt = m.transpose(0, 1)  # (P, C)
+        cov = (self.outer - n * mt.unsqueeze(2) * mt.unsqueeze(1)) / (n - 1)
+        return mean, cov
+
+
+def whitening_from_covariance(cov: torch.Tensor, regularization: float = 0.01) -> torch.Tensor:
+    """Inverse Cholesky factor W (P, C, C) with W^T W = (cov + reg I)^-1, computed in float64.
+
+    The Mahalanobis distance is then ||W (x - mu)||, a sum of squares that cannot turn negative.
+    """
+    cov = cov.to(torch.float64)
+    eye = torch.eye(cov.shape[-1], dtype=torch.float64, device=cov.device)
+    chol, info = torch.linalg.cholesky_ex(cov + regularization * eye)
+    if bool((info > 0).any()):
+        raise ValueError("covariance is not positive definite even after regularisation; raise `regularization`")
+    return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+
+
+def mahalanobis(embedding: torch.Tensor, mean: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance per position.
+
+    Args:
+        embedding: (B, C, P).
+        mean: (C, P).
+        whitening: (P, C, C) inverse Cholesky factor.
+
+    Returns:
+        (B, P) distances.
+    """
+    delta = (embedding - mean.unsqueeze(0)).permute(2, 1, 0)  # (P, C, B)
+    white = torch.bmm(whitening, delta)  # (P, C, B)
+    return white.pow(2).sum(dim=1).clamp_min(0).sqrt().transpose(0, 1)
+
+
+class GaussianStats(nn.Module):
+    """Fitted statistics as buffers: mean (C, P) and whitening (P, C, C)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.empty(0))
+        self.register_buffer("whitening", torch.empty(0))
+
+    def set(self, mean: torch.Tensor, whitening: torch.Tensor) -> None:
+        self.mean = mean.to(torch.float32).contiguous()
+        self.whitening = whitening.to(torch.float32).contiguous()
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return mahalanobis(embedding, self.mean, self.whitening)

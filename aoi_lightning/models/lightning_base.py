@@ -1,0 +1,160 @@
+"""LightningModule glue shared by PaDiM and PatchCore: one fit pass over good images, evaluation loops."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import lightning.pytorch as pl
+import torch
+
+from aoi_lightning.metrics.evaluation import EvaluationCollector, build_metrics_report
+from aoi_lightning.models.components.base import AnomalyTorchModel, NotFittedError
+
+log = logging.getLogger(__name__)
+
+
+class AnomalyModule(pl.LightningModule):
+    """Statistics-only model: `training_step` accumulates features, the first evaluation finalises the fit.
+
+    There is no loss and no optimizer (`automatic_optimization = False`); run with `max_epochs: 1`.
+    """
+
+    model_name = "anomaly"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model: AnomalyTorchModel
+        self.val_collector = EvaluationCollector()
+        self.test_collector = EvaluationCollector()
+        self.val_metrics: dict = {}
+        self.test_report: dict = {}
+        self.threshold_info: dict = {}
+        self.timings: dict[str, float] = {}
+        self.split_policy = "test_half"
+        self._fit_images = 0
+
+    # -- fit ------------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> None:
+        return None
+
+    def on_train_start(self) -> None:
+        self.model.eval()
+        self._fit_images = 0
+        self.timings["feature_extraction_s"] = 0.0
+        self._prepare_fit()
+
+    def _prepare_fit(self) -> None:
+        """Hook for subclasses (e.g. preallocating the memory bank)."""
+
+    def train(self, mode: bool = True):  # the backbone stays in eval mode (frozen batch norm)
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        images = batch["image"]
+        ok = [not e for e in batch["error"]]
+        for path, err in zip(batch["image_path"], batch["error"]):
+            if err:
+                log.warning("skipping unreadable training image: %s", err)
+        if not any(ok):
+            return None
+        start = time.perf_counter()
+        with torch.no_grad():
+            self.model.update(images[torch.tensor(ok, device=images.device)])
+        self.timings["feature_extraction_s"] = self.timings.get("feature_extraction_s", 0.0) + time.perf_counter() - start
+        self._fit_images += int(sum(ok))
+        return None
+
+    def on_train_end(self) -> None:
+        self._ensure_fitted()
+
+    def _ensure_fitted(self) -> None:
+        if self.model.is_fitted and self._fit_images == 0:
+            return
+        if self._fit_images == 0:
+            raise NotFittedError("the model is not fitted: train it with `aoi fit`, or pass --ckpt_path of a trained run")
+        start = time.perf_counter()
+        self.model.finalize()
+        self.timings["fit_finalize_s"] = time.perf_counter() - start
+        self.timings["num_fit_images"] = self._fit_images
+        self._fit_images = 0
+        log.info("fitted %s on %d images", type(self.model).__name__, self.timings["num_fit_images"])
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+    def _thresholds(self) -> tuple[float, float]:
+        return float(self.model.image_threshold), float(self.model.pixel_threshold)
+
+    def _evaluate(self, collector: EvaluationCollector, batch: dict) -> None:
+        ok = torch.tensor([not e for e in batch["error"]])
+        if not bool(ok.all()):
+            for err in batch["error"]:
+                if err:
+                    log.warning("skipping unreadable image: %s", err)
+            if not bool(ok.any()):
+                return
+            batch = {k: (v[ok] if isinstance(v, torch.Tensor) else [x for x, keep in zip(v, ok) if keep]) for k, v in batch.items()}
+        out = self.model(batch["image"])
+        collector.update(batch, out.pred_score, out.anomaly_map, self._thresholds()[1])
+
+    def on_validation_start(self) -> None:
+        self._ensure_fitted()
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_collector.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(self.val_collector, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        image_t, pixel_t = self._thresholds()
+        self.val_metrics = self.val_collector.metrics(("val",), image_threshold=image_t, pixel_threshold=pixel_t)
+        self._log_scalars("val", self.val_metrics)
+
+    def on_test_start(self) -> None:
+        self._ensure_fitted()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_collector.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(self.test_collector, batch)
+
+    def on_test_epoch_end(self) -> None:
+        image_t, pixel_t = self._thresholds()
+        self.test_report = build_metrics_report(self.test_collector, self.split_policy, image_t, pixel_t)
+        self._log_scalars("test", self.test_report.get("test", {}))
+        self._log_scalars("full_test", self.test_report.get("full_test", {}))
+
+    def _log_scalars(self, prefix: str, metrics: dict) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
+                if math.isfinite(float(value)) and not key.startswith("num_"):
+                    self.log(f"{prefix}/{key}", float(value), batch_size=1, sync_dist=False)
+
+    def on_predict_start(self) -> None:
+        self._ensure_fitted()
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        ok = torch.tensor([not e for e in batch["error"]], device=batch["image"].device)
+        out = self.model(batch["image"])
+        return {"pred_score": out.pred_score, "anomaly_map": out.anomaly_map, "ok": ok}
+
+    # -- checkpoint -------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["aoi"] = {
+            "model_name": self.model_name,
+            "threshold_info": self.threshold_info,
+            "timings": {k: float(v) for k, v in self.timings.items()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("aoi")
+        if not isinstance(meta, dict) or meta.get("model_name") != self.model_name:
+            found = meta.get("model_name") if isinstance(meta, dict) else "not an AOI checkpoint"
+            raise ValueError(f"checkpoint holds model {found!r}, but the config builds {self.model_name!r}")
+        self.threshold_info = dict(meta.get("threshold_info") or {})
+        self.timings = dict(meta.get("timings") or {})

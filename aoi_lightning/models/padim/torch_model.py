@@ -1,0 +1,89 @@
+"""PaDiM (Defard et al., 2020): per-position Gaussian of multi-scale pretrained features, Mahalanobis map."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from aoi_lightning.models.components.base import AnomalyTorchModel, InferenceOutput
+from aoi_lightning.models.components.feature_extractor import FeatureExtractor, layers_for_strides
+from aoi_lightning.models.components.gaussian import GaussianStats, StreamingMoments, whitening_from_covariance
+
+#: Channels kept by the random subset for well-known backbones (the PaDiM paper's choices).
+PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
+DEFAULT_N_FEATURES = 100
+
+
+def default_n_features(backbone: str, total: int) -> int:
+    """The paper's value for ResNet-18/WRN-50, else 100 (measured on Lite0: see README), capped at `total`."""
+    return min(total, PAPER_N_FEATURES.get(backbone, DEFAULT_N_FEATURES))
+
+
+class PadimModel(AnomalyTorchModel):
+    """PaDiM torch model.
+
+    Args:
+        backbone: timm backbone name.
+        layers: feature layers; None picks the deepest layer at strides 4, 8 and 16.
+        weights: see `FeatureExtractor`.
+        n_features: size of the seeded random channel subset; None: `default_n_features`; >= total keeps all.
+        seed: seed of the channel subset.
+        regularization: added to the covariance diagonal before inversion.
+        sigma: Gaussian smoothing of the map.
+    """
+
+    dynamic_buffers = ("stats.mean", "stats.whitening")
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        layers: Sequence[str] | None = None,
+        weights: str = "package",
+        n_features: int | None = None,
+        seed: int = 0,
+        regularization: float = 0.01,
+        sigma: float = 4.0,
+    ) -> None:
+        super().__init__(sigma=sigma)
+        layers = tuple(layers) if layers else layers_for_strides(backbone, (4, 8, 16))
+        self.feature_extractor = FeatureExtractor(backbone, layers, weights)
+        total = sum(self.feature_extractor.channels)
+        keep = default_n_features(backbone, total) if n_features is None else min(int(n_features), total)
+        if keep < 1:
+            raise ValueError(f"n_features must be >= 1, got {n_features}")
+        gen = torch.Generator().manual_seed(seed)
+        index = torch.sort(torch.randperm(total, generator=gen)[:keep]).values
+        self.register_buffer("channel_index", index)
+        self.regularization = regularization
+        self.stats = GaussianStats()
+        self._moments = StreamingMoments()
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> embedding (B, C_sel, h, w) at the first layer's resolution."""
+        features = self.feature_extractor(images)
+        size = features[0].shape[-2:]
+        maps = [features[0]] + [F.interpolate(f, size=size, mode="nearest") for f in features[1:]]
+        return torch.cat(maps, dim=1).index_select(1, self.channel_index)
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor) -> None:
+        """Accumulate the moments of a batch of good images (B, 3, H, W)."""
+        emb = self.embed(images)
+        self._moments.update(emb.flatten(2))
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Mean and whitening from the accumulated moments (float64 Cholesky, once)."""
+        mean, cov = self._moments.mean_cov()
+        self.stats.set(mean, whitening_from_covariance(cov, self.regularization))
+        self._moments = StreamingMoments()
+        self.fitted.fill_(True)
+
+    def _forward_fitted(self, images: torch.Tensor) -> InferenceOutput:
+        emb = self.embed(images)
+        batch, _, h, w = emb.shape
+        dist = self.stats(emb.flatten(2)).reshape(batch, h, w)
+        anomaly_map = self.smooth_map(dist, tuple(images.shape[-2:]))
+        return InferenceOutput(pred_score=anomaly_map.amax(dim=(1, 2, 3)), anomaly_map=anomaly_map)

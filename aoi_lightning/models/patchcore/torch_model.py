@@ -1,0 +1,166 @@
+"""PatchCore (Roth et al., 2022): locally aggregated mid-level patches, coreset memory bank, nearest neighbour."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from aoi_lightning.models.components.base import AnomalyTorchModel, InferenceOutput
+from aoi_lightning.models.components.coreset import greedy_coreset
+from aoi_lightning.models.components.feature_extractor import FeatureExtractor, layers_for_strides
+from aoi_lightning.models.components.nearest_neighbors import FaissSearcher, knn_torch
+
+
+class PatchcoreModel(AnomalyTorchModel):
+    """PatchCore torch model.
+
+    Args:
+        backbone: timm backbone name.
+        layers: feature layers; None picks the deepest layer at strides 8 and 16.
+        weights: see `FeatureExtractor`.
+        coreset_ratio: fraction of the patches kept in the memory bank (1.0: all).
+        num_neighbors: neighbourhood size of the image-score reweighting (paper: b).
+        projection_dim: dimension of the random projection used by the coreset selection.
+        seed: seed of the coreset selection.
+        bank_dtype: `float32` or `float16` storage of the memory bank.
+        search: `faiss` (inference) or `torch` (matmul; what the ONNX export uses).
+        sigma: Gaussian smoothing of the map.
+    """
+
+    dynamic_buffers = ("memory_bank",)
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        layers: Sequence[str] | None = None,
+        weights: str = "package",
+        coreset_ratio: float = 0.1,
+        num_neighbors: int = 9,
+        projection_dim: int = 64,
+        seed: int = 0,
+        bank_dtype: str = "float32",
+        search: str = "faiss",
+        sigma: float = 4.0,
+    ) -> None:
+        super().__init__(sigma=sigma)
+        if not 0.0 < coreset_ratio <= 1.0:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        if bank_dtype not in ("float32", "float16"):
+            raise ValueError(f"bank_dtype must be 'float32' or 'float16', got {bank_dtype!r}")
+        if search not in ("faiss", "torch"):
+            raise ValueError(f"search must be 'faiss' or 'torch', got {search!r}")
+        layers = tuple(layers) if layers else layers_for_strides(backbone, (8, 16))
+        self.feature_extractor = FeatureExtractor(backbone, layers, weights)
+        self.coreset_ratio = coreset_ratio
+        self.num_neighbors = num_neighbors
+        self.projection_dim = projection_dim
+        self.seed = seed
+        self.bank_dtype = getattr(torch, bank_dtype)
+        self.search = search
+        self.pool = torch.nn.AvgPool2d(3, stride=1, padding=1)
+        self.register_buffer("memory_bank", torch.empty(0, sum(self.feature_extractor.channels)))
+        self._bank: torch.Tensor | None = None
+        self._filled = 0
+        self._searcher: FaissSearcher | None = None
+        self.last_coreset_seconds = 0.0
+
+    @property
+    def embedding_dim(self) -> int:
+        return sum(self.feature_extractor.channels)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> locally aware patch features (B, D, h, w) at the first layer's resolution."""
+        features = [self.pool(f) for f in self.feature_extractor(images)]
+        size = features[0].shape[-2:]
+        maps = [features[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in features[1:]]
+        return torch.cat(maps, dim=1)
+
+    def allocate(self, num_images: int, image_size: tuple[int, int]) -> None:
+        """Preallocate the full bank for `num_images` images of `image_size` (one row per patch)."""
+        stride = self.feature_extractor.strides[0]
+        patches = -(-image_size[0] // stride) * -(-image_size[1] // stride)
+        self._bank = torch.empty(num_images * patches, self.embedding_dim, dtype=self.bank_dtype)
+        self._filled = 0
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor) -> None:
+        """Append the patches of a batch of good images (B, 3, H, W) to the bank."""
+        emb = self.embed(images)
+        rows = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).to("cpu", self.bank_dtype)
+        if self._bank is None or self._filled + rows.shape[0] > self._bank.shape[0]:
+            # unknown data size: grow geometrically (amortised O(N))
+            needed = self._filled + rows.shape[0]
+            new = torch.empty(max(needed, 2 * (0 if self._bank is None else self._bank.shape[0])), rows.shape[1], dtype=self.bank_dtype)
+            if self._bank is not None:
+                new[: self._filled] = self._bank[: self._filled]
+            self._bank = new
+        self._bank[self._filled : self._filled + rows.shape[0]] = rows
+        self._filled += rows.shape[0]
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Coreset subsampling of the accumulated bank."""
+        if self._bank is None or self._filled == 0:
+            raise ValueError("no training patches: the training set is empty")
+        bank = self._bank[: self._filled]
+        start = time.perf_counter()
+        if self.coreset_ratio < 1.0:
+            k = max(1, int(round(self._filled * self.coreset_ratio)))
+            index = greedy_coreset(bank, k, projection_dim=self.projection_dim, seed=self.seed)
+            bank = bank[index]
+        self.last_coreset_seconds = time.perf_counter() - start
+        self.memory_bank = bank.clone().to(self.fitted.device)
+        self._bank, self._filled, self._searcher = None, 0, None
+        self.fitted.fill_(True)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._searcher = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def nearest(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k nearest bank rows of (Q, D) queries: distances and indices (Q, k)."""
+        bank = self.memory_bank.to(torch.float32)
+        if self.search == "faiss" and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+            if self._searcher is None or self._searcher.size != bank.shape[0]:
+                self._searcher = FaissSearcher(bank)
+            return self._searcher.search(queries, k)
+        return knn_torch(queries, bank, k)
+
+    def _forward_fitted(self, images: torch.Tensor) -> InferenceOutput:
+        emb = self.embed(images)
+        batch, dim, h, w = emb.shape
+        patches = emb.permute(0, 2, 3, 1).reshape(-1, dim)
+        dist, index = self.nearest(patches, 1)
+        patch_scores = dist[:, 0].reshape(batch, h * w)
+        nn_index = index[:, 0].reshape(batch, h * w)
+        pred_score = self._reweight(emb.permute(0, 2, 3, 1).reshape(batch, h * w, dim), patch_scores, nn_index)
+        anomaly_map = self.smooth_map(patch_scores.reshape(batch, h, w), tuple(images.shape[-2:]))
+        return InferenceOutput(pred_score=pred_score, anomaly_map=anomaly_map)
+
+    def _reweight(self, patches: torch.Tensor, patch_scores: torch.Tensor, nn_index: torch.Tensor) -> torch.Tensor:
+        """Image score of the PatchCore paper (eq. 7): the max patch score, down-weighted when the matched
+        bank patch lies in a dense neighbourhood.
+
+        Args:
+            patches: (B, P, D) patch features.
+            patch_scores: (B, P) nearest-neighbour distances.
+            nn_index: (B, P) index of each patch's nearest bank row.
+        """
+        batch = patches.shape[0]
+        arange = torch.arange(batch, device=patches.device)
+        max_pos = patch_scores.argmax(dim=1)
+        score = patch_scores[arange, max_pos]  # (B,)
+        if self.num_neighbors <= 1:
+            return score
+        bank = self.memory_bank.to(torch.float32)
+        k = min(self.num_neighbors, bank.shape[0])
+        test_patch = patches[arange, max_pos]  # (B, D)
+        matched = bank[nn_index[arange, max_pos]]  # (B, D)
+        _, support = self.nearest(matched, k)  # (B, k): the matched row and its k-1 neighbours
+        support_feats = bank[support]  # (B, k, D)
+        diff = (test_patch.unsqueeze(1) - support_feats).pow(2).sum(-1).clamp_min(0).sqrt()  # (B, k)
+        weight = 1.0 - torch.softmax(diff, dim=1)[:, 0]
+        return weight * score
