@@ -30,7 +30,14 @@ TRAINER_DEFAULTS = {
 }
 
 #: Commands handled outside LightningCLI: name -> (module, one-line description).
-EXTRA_COMMANDS: dict[str, tuple[str, str]] = {}
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("aoi_lightning.runner.command", "OK/NG, masks, overlays, preds.jsonl and report.json for a folder of images"),
+    "export": ("aoi_lightning.export.command", "ONNX export of a trained run (export/model.onnx)"),
+    "consistency": ("aoi_lightning.export.consistency_command", "ONNX-vs-torch check of an exported run"),
+    "compare": ("aoi_lightning.compare.command", "side-by-side comparison of two or more runs"),
+    "check-data": ("aoi_lightning.data.check_command", "data set check and preview.png"),
+    "report": ("aoi_lightning.report.command", "(re)write the run's HTML report"),
+}
 
 
 class RunConfigSaver(SaveConfigCallback):

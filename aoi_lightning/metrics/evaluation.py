@@ -98,7 +98,7 @@ class EvaluationCollector:
         out["num_good"] = int((labels == 0).sum())
         out["num_defective"] = int((labels == 1).sum())
         both = 0 < out["num_good"] < len(recs)
-        out["image_auroc"] = _clean(float(binary_auroc(scores, labels))) if both else None
+        out["image_auroc"] = image_auroc(scores, labels) if both else None
         groups = self.groups(splits, defect_types)
         hist = self.hist.merged(groups)
         out["pixel_auroc"] = _clean(pixel_auroc(hist))
@@ -110,6 +110,15 @@ class EvaluationCollector:
             out["pixel_f1"] = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else None
             out["pixel_iou"] = tp / (tp + fp + fn) if (tp + fp + fn) > 0 else None
         return out
+
+
+def image_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Exact image AUROC. Scores are min-max scaled first (rank preserving): torchmetrics would otherwise
+    squash scores outside [0, 1] through a sigmoid, which ties large anomaly scores."""
+    s = scores.to(torch.float64)
+    span = float(s.max() - s.min())
+    s = (s - s.min()) / span if span > 0 else torch.zeros_like(s)
+    return _clean(float(binary_auroc(s, labels)))
 
 
 def image_decision_metrics(scores: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict:

@@ -14,7 +14,8 @@ class Padim(AnomalyModule):
         layers: feature layers (timm `feature_info` names); default: the deepest layer at strides 4, 8, 16.
         weights: `package` (pip-installed EfficientNet-Lite0), `imagenet` (timm's download/cache), a local
             weights file, or `none` (random; tests only).
-        n_features: random channel subset size; default 100 (550 for wide_resnet50_2), capped at the total.
+        n_features: channel subset size; default: the paper's 100 (ResNet-18) / 550 (WRN-50), all channels for
+            backbones with <= 256 in all (EfficientNet-Lite0: 176), else 100.
         seed: seed of the channel subset.
         regularization: covariance diagonal loading before the Cholesky inverse.
         sigma: Gaussian smoothing of the anomaly map (pixels at the input size).

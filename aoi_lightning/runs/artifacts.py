@@ -1,0 +1,83 @@
+"""What a fit or an evaluation writes into the run directory (rank zero only)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from lightning.pytorch import Trainer
+
+from aoi_lightning.models.lightning_base import AnomalyModule
+from aoi_lightning.runs.jsonio import write_json, write_jsonl
+from aoi_lightning.runs.layout import RunDir, new_run_id
+from aoi_lightning.runs.meta import build_meta
+from aoi_lightning.runs.scoring import score_loader
+
+log = logging.getLogger(__name__)
+
+
+def decorate(records: list[dict], image_threshold: float) -> list[dict]:
+    """Per-image score records with the OK/NG decision when a threshold exists (internal keys dropped)."""
+    out = []
+    for rec in records:
+        item = {k: v for k, v in rec.items() if k != "map_max"}
+        if math.isfinite(image_threshold):
+            item["is_anomaly"] = bool(rec["pred_score"] >= image_threshold)
+            item["label"] = "NG" if item["is_anomaly"] else "OK"
+        out.append(item)
+    return out
+
+
+def write_fit_outputs(trainer: Trainer, model: AnomalyModule, datamodule, run: RunDir, config, timings: dict) -> None:
+    """After `fit`: checkpoint, train scores, test pass with metrics.json and per-split predictions, meta.json."""
+    trainer.save_checkpoint(run.checkpoint, weights_only=True)
+    image_t = float(model.model.image_threshold)
+    start = time.perf_counter()
+    if trainer.is_global_zero:
+        train_records, _ = score_loader(model.model, datamodule.train_eval_dataloader(), model.device)
+        write_jsonl(run.preds("train"), decorate(train_records, image_t))
+    timings["score_train_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    has_test = bool(datamodule.test_samples)
+    if has_test:
+        trainer.test(model, datamodule=datamodule, verbose=True)
+    timings["test_s"] = time.perf_counter() - start
+    if not trainer.is_global_zero:
+        return
+    if has_test:
+        report = dict(model.test_report)
+        write_json(run.metrics, report)
+        records = decorate(model.test_collector.records, image_t)
+        write_jsonl(run.preds("test"), [r for r in records if r["split"] == "test"])
+        val = [r for r in records if r["split"] == "val"]
+        if val:
+            write_jsonl(run.preds("val"), val)
+    else:
+        log.warning("no test images: metrics.json not written")
+    all_timings = {**model.timings, **timings}
+    seed = config[config.subcommand].get("seed_everything") if "subcommand" in config else None
+    meta = build_meta(
+        seed=seed,
+        device=str(model.device),
+        data=datamodule.summary(),
+        timings=all_timings,
+        extra={"model": model.model_name, "run_id": run.path.name, "run_dir": str(run.path)},
+    )
+    write_json(run.meta, meta)
+    log.info("run written to %s", run.path)
+
+
+def write_eval_outputs(trainer: Trainer, model: AnomalyModule, run: RunDir, stage: str) -> None:
+    """After a standalone `validate`/`test`: `<run>/eval/<stage>-<id>/metrics.json` and predictions."""
+    if not trainer.is_global_zero or run is None:
+        return
+    out = run.path / "eval" / f"{stage}-{new_run_id()}"
+    image_t = float(model.model.image_threshold)
+    if stage == "test" and model.test_report:
+        write_json(out / "metrics.json", model.test_report)
+        write_jsonl(out / "preds_test.jsonl", decorate(model.test_collector.records, image_t))
+    elif stage == "validate":
+        write_json(out / "metrics.json", {"val": model.val_metrics})
+        write_jsonl(out / "preds_val.jsonl", decorate(model.val_collector.records, image_t))
+    log.info("evaluation written to %s", out)

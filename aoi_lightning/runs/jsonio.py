@@ -1,0 +1,80 @@
+"""Atomic JSON/JSONL/text writing: temporary file in the same folder, fsync, then rename."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def _default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _finite(obj):
+    """Replace NaN/inf by None so that every file is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj, indent: int | None = None) -> str:
+    return json.dumps(_finite(obj), indent=indent, default=_default, ensure_ascii=False)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write text to `path` atomically (readers see the old file or the new one, never half of it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Atomic, strict (NaN -> null), indented JSON."""
+    return write_text_atomic(path, dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
+    """Atomic JSON Lines file, one record a line."""
+    return write_text_atomic(path, "".join(dumps(r) + "\n" for r in records))
+
+
+def read_json(path: str | Path) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Complete lines of a JSON Lines file; a torn last line (crash while appending) is ignored."""
+    out = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.endswith("\n"):
+                break
+            line = line.strip()
+            if line:
+                out.append(json.loads(line))
+    return out

@@ -1,0 +1,35 @@
+"""Scoring a DataLoader with a fitted torch model outside a Trainer loop (train-set scores)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from aoi_lightning.models.components.base import AnomalyTorchModel
+
+
+@torch.inference_mode()
+def score_loader(model: AnomalyTorchModel, loader: DataLoader, device: torch.device | str = "cpu") -> tuple[list[dict], list[float]]:
+    """Per-image records (image_path, gt_label, defect_type, split, pred_score) and the per-image map maxima."""
+    records, map_max = [], []
+    model.eval()
+    for batch in loader:
+        ok = [not e for e in batch["error"]]
+        if not any(ok):
+            continue
+        keep = torch.tensor(ok)
+        out = model(batch["image"][keep].to(device))
+        scores = out.pred_score.float().cpu().tolist()
+        maxima = out.anomaly_map.float().amax(dim=(1, 2, 3)).cpu().tolist()
+        kept = [i for i, k in enumerate(ok) if k]
+        for j, i in enumerate(kept):
+            label = int(batch["label"][i])
+            records.append({
+                "image_path": batch["image_path"][i],
+                "gt_label": label if label >= 0 else None,
+                "defect_type": batch["defect_type"][i],
+                "split": batch["split"][i],
+                "pred_score": scores[j],
+            })
+            map_max.append(maxima[j])
+    return records, map_max

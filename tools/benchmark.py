@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""Speed, memory and accuracy of PaDiM and PatchCore against the bare backbone forward.
+
+Each configuration runs in its own process (so peak RSS is its own), on a data root and category in MVTec
+layout. Timings are medians over repeated runs; backbone and model calls are interleaved so that both see the
+same machine load, and the model/backbone ratio is what to compare across machines.
+
+    python tools/benchmark.py --root ../shared/datasets/mvtec_ad --category transistor \
+        --models padim patchcore --coreset_ratios 0.01 0.1 --output benchmark.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0
+
+
+def _interleaved(fns: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median ms of each callable, calling them in turn so that load drifts hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1000.0 for k, v in samples.items()}
+
+
+def _buffer_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the fitted statistics (buffers outside the backbone)."""
+    return sum(b.numel() * b.element_size() for n, b in model.named_buffers() if not n.startswith("feature_extractor."))
+
+
+def run_one(cfg: dict) -> dict:
+    """Fit, time and evaluate one configuration (runs in a child process)."""
+    from torch.utils.data import DataLoader
+
+    from aoi_lightning.data.mvtec import AnomalyDataset, scan_mvtec
+    from aoi_lightning.metrics.evaluation import EvaluationCollector
+    from aoi_lightning.models.padim.torch_model import PadimModel
+    from aoi_lightning.models.patchcore.torch_model import PatchcoreModel
+
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(0)
+    size = (cfg["image_size"], cfg["image_size"])
+    train, test = scan_mvtec(cfg["root"], cfg["category"])
+    if cfg.get("train_images"):
+        n = cfg["train_images"]
+        train = [train[i % len(train)] for i in range(n)]
+    if cfg["model"] == "padim":
+        model = PadimModel(backbone=cfg["backbone"], weights=cfg["weights"], n_features=cfg.get("n_features"))
+    else:
+        model = PatchcoreModel(
+            backbone=cfg["backbone"], weights=cfg["weights"], coreset_ratio=cfg["coreset_ratio"],
+            projection_dim=cfg["projection_dim"],
+        )
+        model.allocate(len(train), size)
+    model.eval()
+    loader = DataLoader(AnomalyDataset(train, size), batch_size=32, num_workers=cfg["workers"])
+    flip = cfg.get("train_images", 0) > 0
+    out: dict = dict(cfg)
+    t_extract = 0.0
+    t_load_start = time.perf_counter()
+    with torch.inference_mode():
+        for i, batch in enumerate(loader):
+            images = batch["image"]
+            if flip and (i * 32) // len(set(s.image_path for s in train)) % 2 == 1:
+                images = images.flip(-1)
+            start = time.perf_counter()
+            model.update(images)
+            t_extract += time.perf_counter() - start
+        t_total_extract = time.perf_counter() - t_load_start
+        start = time.perf_counter()
+        model.finalize()
+        t_finalize = time.perf_counter() - start
+    out["fit_feature_extraction_s"] = t_extract
+    out["fit_data_loading_s"] = t_total_extract - t_extract
+    out["fit_finalize_s"] = t_finalize
+    out["fit_coreset_s"] = getattr(model, "last_coreset_seconds", 0.0)
+    out["fit_total_s"] = t_total_extract + t_finalize
+    out["buffer_mb"] = _buffer_bytes(model) / 2**20
+
+    test_loader = DataLoader(AnomalyDataset(test, size), batch_size=32, num_workers=cfg["workers"])
+    collector = EvaluationCollector()
+    first = None
+    with torch.inference_mode():
+        for batch in test_loader:
+            res = model(batch["image"])
+            collector.update(batch, res.pred_score, res.anomaly_map, float("nan"))
+            if first is None:
+                first = batch["image"]
+        full = collector.metrics(("test",))
+        out.update({k: full.get(k) for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "num_images")})
+        x1 = first[:1].contiguous()
+        xb = first[: min(32, first.shape[0])].contiguous()
+        b1 = _interleaved({"model": lambda: model(x1), "backbone": lambda: model.feature_extractor(x1)}, cfg["repeats"])
+        bb = _interleaved(
+            {"model": lambda: model(xb), "backbone": lambda: model.feature_extractor(xb)}, max(3, cfg["repeats"] // 4), 1
+        )
+    n = xb.shape[0]
+    out["batch1_ms"] = b1["model"]
+    out["batch1_backbone_ms"] = b1["backbone"]
+    out["batch1_ratio"] = b1["model"] / b1["backbone"]
+    out[f"batch{n}_ms_per_image"] = bb["model"] / n
+    out[f"batch{n}_backbone_ms_per_image"] = bb["backbone"] / n
+    out[f"batch{n}_ratio"] = bb["model"] / bb["backbone"]
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _child(cfg: dict, queue) -> None:
+    try:
+        queue.put(run_one(cfg))
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        queue.put({**cfg, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def run_isolated(cfg: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(cfg, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    cols = [
+        ("model", "model"), ("ratio", "coreset_ratio"), ("N", "train_images"), ("fit s", "fit_total_s"),
+        ("extract s", "fit_feature_extraction_s"), ("finalize s", "fit_finalize_s"), ("coreset s", "fit_coreset_s"),
+        ("b1 ms", "batch1_ms"), ("backbone b1 ms", "batch1_backbone_ms"), ("b1 ratio", "batch1_ratio"),
+        ("b32 ms/img", "batch32_ms_per_image"), ("b32 ratio", "batch32_ratio"), ("peak RSS MB", "peak_rss_mb"),
+        ("buffers MB", "buffer_mb"), ("img AUROC", "image_auroc"), ("pix AUROC", "pixel_auroc"), ("AUPRO", "pixel_aupro"),
+    ]
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for _, key in cols:
+            v = r.get(key)
+            cells.append("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+        if "error" in r:
+            lines.append(f"| error: {r['error']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default="../shared/datasets/mvtec_ad")
+    parser.add_argument("--category", default="transistor")
+    parser.add_argument("--models", nargs="+", default=["padim", "patchcore"], choices=["padim", "patchcore"])
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--weights", default="package")
+    parser.add_argument("--image_size", type=int, default=256)
+    parser.add_argument("--coreset_ratios", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--projection_dim", type=int, default=64)
+    parser.add_argument("--n_features", type=int, default=None)
+    parser.add_argument("--train_images", type=int, nargs="+", default=[0], help="0: the training set as is")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--output", default="benchmark.json")
+    args = parser.parse_args(argv)
+    rows = []
+    for n_train in args.train_images:
+        for model in args.models:
+            ratios = args.coreset_ratios if model == "patchcore" else [None]
+            for ratio in ratios:
+                cfg = {
+                    "model": model, "root": args.root, "category": args.category, "backbone": args.backbone,
+                    "weights": args.weights, "image_size": args.image_size, "coreset_ratio": ratio,
+                    "projection_dim": args.projection_dim, "n_features": args.n_features, "repeats": args.repeats,
+                    "threads": args.threads, "workers": args.workers, "train_images": n_train,
+                }
+                print(f"running {model} ratio={ratio} N={n_train or 'all'} ...", file=sys.stderr, flush=True)
+                rows.append(run_isolated(cfg))
+    Path(args.output).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    print(table(rows))
+    print(f"\nwritten: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
