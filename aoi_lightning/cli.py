@@ -31,7 +31,10 @@ TRAINER_DEFAULTS = {
 
 #: Commands handled outside LightningCLI: name -> (module, one-line description).
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("aoi_lightning.runner.command", "OK/NG, masks, overlays, preds.jsonl and report.json for a folder of images"),
+    "run": (
+        "aoi_lightning.runner.command",
+        "OK/NG, masks, overlays, preds.jsonl and report.json for a folder of images",
+    ),
     "export": ("aoi_lightning.export.command", "ONNX export of a trained run (export/model.onnx)"),
     "consistency": ("aoi_lightning.export.consistency_command", "ONNX-vs-torch check of an exported run"),
     "compare": ("aoi_lightning.compare.command", "side-by-side comparison of two or more runs"),
@@ -54,6 +57,14 @@ class RunConfigSaver(SaveConfigCallback):
         write_text_atomic(Path(trainer.default_root_dir) / "config.yaml", text)
 
 
+def _is_run_logger(logger) -> bool:
+    """True for the CSV logger this CLI puts into every run (as saved in a run's config.yaml)."""
+    if not isinstance(logger, (Namespace, dict)):
+        return False
+    init = logger.get("init_args") or {}
+    return str(logger.get("class_path", "")).endswith("CSVLogger") and init.get("name") == "logs"
+
+
 class AoiCLI(LightningCLI):
     """LightningCLI with a run directory per fit: `<runs_root>/<model>/<category>/<run_id>/`."""
 
@@ -74,7 +85,9 @@ class AoiCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--run_id", type=str | None, default=None, help="Run folder name (default: a UTC timestamp).")
+        parser.add_argument(
+            "--run_id", type=str | None, default=None, help="Run folder name (default: a UTC timestamp)."
+        )
         parser.add_argument("--runs_root", type=str, default="runs", help="Folder that holds the run directories.")
 
     def before_instantiate_classes(self) -> None:
@@ -88,7 +101,8 @@ class AoiCLI(LightningCLI):
             run = RunDir.create(cfg.runs_root, model_name, cfg.data.category, run_id)
         self.run_dir = run
         cfg.trainer.default_root_dir = str(run.path)
-        if cfg.trainer.get("logger") in (None, True):
+        if cfg.trainer.get("logger") in (None, True) or _is_run_logger(cfg.trainer.get("logger")):
+            # a fresh log folder per command, so that a later test/predict never overwrites the fit's logs
             cfg.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.CSVLogger",
                 init_args=Namespace(save_dir=str(run.path), name="logs", version=f"{self.subcommand}-{run_id}"),
@@ -121,6 +135,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (DataError, LayerError, WeightsError, NotFittedError, ImageReadError, FileNotFoundError, ValueError)
 
 
+def _user_message(exc: BaseException) -> str:
+    """One line for the user: the root cause of a chain (jsonargparse wraps errors raised while building the
+    model or data module), prefixed with the config key it concerns when known."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    root = chain[-1]
+    text = str(root).strip()
+    first = text.splitlines()[0] if text else type(root).__name__
+    key = getattr(root, "key", None)
+    if key is None and root is not exc:
+        outer = str(exc)
+        key = "model" if "AnomalyModule" in outer else "data" if "DataModule" in outer else None
+    if key and not first.startswith(key):
+        first = f"{key}: {first}"
+    return first
+
+
 HELP = """usage: aoi <command> [options]
 
 Train PaDiM / PatchCore on good parts, judge new images OK/NG, locate defects.
@@ -143,7 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    argv = ["--seed_everything" if a == "--seed" else a.replace("--seed=", "--seed_everything=", 1) if a.startswith("--seed=") else a for a in argv]
+    argv = [
+        "--seed_everything"
+        if a == "--seed"
+        else a.replace("--seed=", "--seed_everything=", 1)
+        if a.startswith("--seed=")
+        else a
+        for a in argv
+    ]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
@@ -170,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         if debug or os.environ.get("AOI_DEBUG"):
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"aoi {command}: error: {message}", file=sys.stderr)
+        print(f"aoi {command}: error: {_user_message(exc)}", file=sys.stderr)
         return 2
 
 

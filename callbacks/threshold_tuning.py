@@ -60,7 +60,9 @@ class ThresholdTuning(pl.Callback):
         pl_module.threshold_info = info
         if trainer.is_global_zero:
             write_json(Path(trainer.default_root_dir) / "thresholds.json", info)
-        log.info("thresholds: image %.6g, pixel %.6g (%s)", info["image_threshold"], info["pixel_threshold"], info["method"])
+        log.info(
+            "thresholds: image %.6g, pixel %.6g (%s)", info["image_threshold"], info["pixel_threshold"], info["method"]
+        )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # no validation loop ran (val_split: none): quantiles of the training scores
@@ -91,7 +93,10 @@ class ThresholdTuning(pl.Callback):
             return self._conformal(scores[good], maxima[good], split="val", n=n_good, note=note)
         hist = collector.hist.merged()
         if n_good == 0:
-            note = "validation split has only defective images: pixel threshold from pixel F1, image threshold from training images"
+            note = (
+                "validation split has only defective images: pixel threshold from pixel F1, "
+                "image threshold from training images"
+            )
             log.warning(note)
             info = self._from_train(trainer, pl_module, note=note, conformal=True)
             if float(hist.pos.sum()) > 0 and float(hist.neg.sum()) > 0:
@@ -120,7 +125,9 @@ class ThresholdTuning(pl.Callback):
         image_t, ok_image = conformal_threshold(scores.numpy(), self.alpha)
         pixel_t, _ = conformal_threshold(maxima.numpy(), self.alpha)
         if not ok_image:
-            note = (note + "; " if note else "") + f"only {n} good images: the alpha={self.alpha} bound needs >= {math.ceil(1 / self.alpha - 1)}"
+            note = (
+                note + "; " if note else ""
+            ) + f"only {n} good images: the alpha={self.alpha} bound needs >= {math.ceil(1 / self.alpha - 1)}"
             log.warning(note)
         return {
             "image_threshold": image_t,
@@ -135,7 +142,9 @@ class ThresholdTuning(pl.Callback):
             "note": note,
         }
 
-    def _from_train(self, trainer: pl.Trainer, pl_module: pl.LightningModule, note: str, conformal: bool = False) -> dict:
+    def _from_train(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, note: str, conformal: bool = False
+    ) -> dict:
         datamodule = trainer.datamodule
         records, maxima = score_loader(pl_module.model, datamodule.train_eval_dataloader(), pl_module.device)
         scores = torch.tensor([r["pred_score"] for r in records], dtype=torch.float64)

@@ -71,7 +71,9 @@ def run_one(cfg: dict) -> dict:
         model = PadimModel(backbone=cfg["backbone"], weights=cfg["weights"], n_features=cfg.get("n_features"))
     else:
         model = PatchcoreModel(
-            backbone=cfg["backbone"], weights=cfg["weights"], coreset_ratio=cfg["coreset_ratio"],
+            backbone=cfg["backbone"],
+            weights=cfg["weights"],
+            coreset_ratio=cfg["coreset_ratio"],
             projection_dim=cfg["projection_dim"],
         )
         model.allocate(len(train), size)
@@ -115,7 +117,9 @@ def run_one(cfg: dict) -> dict:
         xb = first[: min(32, first.shape[0])].contiguous()
         b1 = _interleaved({"model": lambda: model(x1), "backbone": lambda: model.feature_extractor(x1)}, cfg["repeats"])
         bb = _interleaved(
-            {"model": lambda: model(xb), "backbone": lambda: model.feature_extractor(xb)}, max(3, cfg["repeats"] // 4), 1
+            {"model": lambda: model(xb), "backbone": lambda: model.feature_extractor(xb)},
+            max(3, cfg["repeats"] // 4),
+            1,
         )
     n = xb.shape[0]
     out["batch1_ms"] = b1["model"]
@@ -147,11 +151,23 @@ def run_isolated(cfg: dict) -> dict:
 
 def table(rows: list[dict]) -> str:
     cols = [
-        ("model", "model"), ("ratio", "coreset_ratio"), ("N", "train_images"), ("fit s", "fit_total_s"),
-        ("extract s", "fit_feature_extraction_s"), ("finalize s", "fit_finalize_s"), ("coreset s", "fit_coreset_s"),
-        ("b1 ms", "batch1_ms"), ("backbone b1 ms", "batch1_backbone_ms"), ("b1 ratio", "batch1_ratio"),
-        ("b32 ms/img", "batch32_ms_per_image"), ("b32 ratio", "batch32_ratio"), ("peak RSS MB", "peak_rss_mb"),
-        ("buffers MB", "buffer_mb"), ("img AUROC", "image_auroc"), ("pix AUROC", "pixel_auroc"), ("AUPRO", "pixel_aupro"),
+        ("model", "model"),
+        ("ratio", "coreset_ratio"),
+        ("N", "train_images"),
+        ("fit s", "fit_total_s"),
+        ("extract s", "fit_feature_extraction_s"),
+        ("finalize s", "fit_finalize_s"),
+        ("coreset s", "fit_coreset_s"),
+        ("b1 ms", "batch1_ms"),
+        ("backbone b1 ms", "batch1_backbone_ms"),
+        ("b1 ratio", "batch1_ratio"),
+        ("b32 ms/img", "batch32_ms_per_image"),
+        ("b32 ratio", "batch32_ratio"),
+        ("peak RSS MB", "peak_rss_mb"),
+        ("buffers MB", "buffer_mb"),
+        ("img AUROC", "image_auroc"),
+        ("pix AUROC", "pixel_auroc"),
+        ("AUPRO", "pixel_aupro"),
     ]
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -173,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--weights", default="package")
     parser.add_argument("--image_size", type=int, default=256)
-    parser.add_argument("--coreset_ratios", type=float, nargs="+", default=[0.1])
-    parser.add_argument("--projection_dim", type=int, default=64)
+    parser.add_argument("--coreset_ratios", type=float, nargs="+", default=[0.01])
+    parser.add_argument("--projection_dim", type=int, default=32)
     parser.add_argument("--n_features", type=int, default=None)
     parser.add_argument("--train_images", type=int, nargs="+", default=[0], help="0: the training set as is")
     parser.add_argument("--repeats", type=int, default=20)
@@ -188,10 +204,19 @@ def main(argv: list[str] | None = None) -> int:
             ratios = args.coreset_ratios if model == "patchcore" else [None]
             for ratio in ratios:
                 cfg = {
-                    "model": model, "root": args.root, "category": args.category, "backbone": args.backbone,
-                    "weights": args.weights, "image_size": args.image_size, "coreset_ratio": ratio,
-                    "projection_dim": args.projection_dim, "n_features": args.n_features, "repeats": args.repeats,
-                    "threads": args.threads, "workers": args.workers, "train_images": n_train,
+                    "model": model,
+                    "root": args.root,
+                    "category": args.category,
+                    "backbone": args.backbone,
+                    "weights": args.weights,
+                    "image_size": args.image_size,
+                    "coreset_ratio": ratio,
+                    "projection_dim": args.projection_dim,
+                    "n_features": args.n_features,
+                    "repeats": args.repeats,
+                    "threads": args.threads,
+                    "workers": args.workers,
+                    "train_images": n_train,
                 }
                 print(f"running {model} ratio={ratio} N={n_train or 'all'} ...", file=sys.stderr, flush=True)
                 rows.append(run_isolated(cfg))

@@ -8,7 +8,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from aoi_lightning.data.mvtec import SPLIT_POLICIES, AnomalyDataset, DataError, Sample, apply_policy, list_images, scan_mvtec
+from aoi_lightning.data.mvtec import (
+    SPLIT_POLICIES,
+    AnomalyDataset,
+    DataError,
+    Sample,
+    apply_policy,
+    list_images,
+    scan_mvtec,
+)
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ SPLIT_POLICIES = ("test_half", "same_as_test", "calibration", "none")
 
 
 class DataError(ValueError):
-    """A data root or category that does not fit the MVTec layout; the message names what is wrong."""
+    """A data root or category that does not fit the MVTec layout; the message names the key and the problem."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,9 @@ def scan_mvtec(root: str | Path, category: str, mask_suffix: str = "_mask") -> t
                     test.append(Sample(str(path), 1, defect, str(mask) if mask else None, "test"))
     missing = [s.image_path for s in test if s.label == 1 and s.mask_path is None]
     if missing:
-        log.warning("%d defective test images have no mask (excluded from pixel metrics), e.g. %s", len(missing), missing[0])
+        log.warning(
+            "%d defective test images have no mask (excluded from pixel metrics), e.g. %s", len(missing), missing[0]
+        )
     return train, test
 
 
@@ -126,7 +128,10 @@ def apply_policy(
         val, rest = stratified_split(test, val_fraction, seed)
         val = _with_split(val, "val")
         keep = {s.image_path for s in val}
-        tagged = [s if s.image_path not in keep else Sample(s.image_path, s.label, s.defect_type, s.mask_path, "val") for s in test]
+        tagged = [
+            s if s.image_path not in keep else Sample(s.image_path, s.label, s.defect_type, s.mask_path, "val")
+            for s in test
+        ]
         return train, val, tagged
     if policy == "same_as_test":
         return train, _with_split(test, "val"), test

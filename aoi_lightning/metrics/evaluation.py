@@ -72,7 +72,8 @@ class EvaluationCollector:
         return [
             r
             for r in self.records
-            if r["split"] in splits and (defect_types is None or r["defect_type"] in defect_types)
+            if r["split"] in splits
+            and (defect_types is None or r["defect_type"] in defect_types)
             and r["gt_label"] is not None
         ]
 
@@ -159,7 +160,9 @@ def build_metrics_report(
         "test": collector.metrics(test_splits, image_threshold=image_threshold, pixel_threshold=pixel_threshold),
     }
     full = collector.metrics(all_splits)
-    report["full_test"] = {k: full.get(k) for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "num_images", "num_good", "num_defective")}
+    report["full_test"] = {
+        k: full.get(k) for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "num_images", "num_good", "num_defective")
+    }
     if split_policy == "test_half":
         report["val"] = collector.metrics(("val",), image_threshold=image_threshold, pixel_threshold=pixel_threshold)
     defects = sorted({r["defect_type"] for r in collector.records if r["gt_label"] == 1})

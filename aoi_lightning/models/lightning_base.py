@@ -57,7 +57,7 @@ class AnomalyModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         images = batch["image"]
         ok = [not e for e in batch["error"]]
-        for path, err in zip(batch["image_path"], batch["error"]):
+        for err in batch["error"]:
             if err:
                 log.warning("skipping unreadable training image: %s", err)
         if not any(ok):
@@ -65,7 +65,9 @@ class AnomalyModule(pl.LightningModule):
         start = time.perf_counter()
         with torch.no_grad():
             self.model.update(images[torch.tensor(ok, device=images.device)])
-        self.timings["feature_extraction_s"] = self.timings.get("feature_extraction_s", 0.0) + time.perf_counter() - start
+        self.timings["feature_extraction_s"] = (
+            self.timings.get("feature_extraction_s", 0.0) + time.perf_counter() - start
+        )
         self._fit_images += int(sum(ok))
         return None
 
@@ -76,7 +78,9 @@ class AnomalyModule(pl.LightningModule):
         if self.model.is_fitted and self._fit_images == 0:
             return
         if self._fit_images == 0:
-            raise NotFittedError("the model is not fitted: train it with `aoi fit`, or pass --ckpt_path of a trained run")
+            raise NotFittedError(
+                "the model is not fitted: train it with `aoi fit`, or pass --ckpt_path of a trained run"
+            )
         start = time.perf_counter()
         self.model.finalize()
         self.timings["fit_finalize_s"] = time.perf_counter() - start
@@ -96,7 +100,10 @@ class AnomalyModule(pl.LightningModule):
                     log.warning("skipping unreadable image: %s", err)
             if not bool(ok.any()):
                 return
-            batch = {k: (v[ok] if isinstance(v, torch.Tensor) else [x for x, keep in zip(v, ok) if keep]) for k, v in batch.items()}
+            batch = {
+                k: (v[ok] if isinstance(v, torch.Tensor) else [x for x, keep in zip(v, ok) if keep])
+                for k, v in batch.items()
+            }
         out = self.model(batch["image"])
         collector.update(batch, out.pred_score, out.anomaly_map, self._thresholds()[1])
 

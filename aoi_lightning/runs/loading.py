@@ -13,11 +13,13 @@ from aoi_lightning.models.lightning_base import AnomalyModule
 from aoi_lightning.runs.layout import RunDir
 
 #: Model classes a checkpoint may name (nothing else is ever imported from a checkpoint).
+_PADIM = "aoi_lightning.models.padim.lightning_model:Padim"
+_PATCHCORE = "aoi_lightning.models.patchcore.lightning_model:Patchcore"
 MODEL_CLASSES = {
-    "aoi_lightning.models.Padim": "aoi_lightning.models.padim.lightning_model:Padim",
-    "aoi_lightning.models.Patchcore": "aoi_lightning.models.patchcore.lightning_model:Patchcore",
-    "aoi_lightning.models.padim.lightning_model.Padim": "aoi_lightning.models.padim.lightning_model:Padim",
-    "aoi_lightning.models.patchcore.lightning_model.Patchcore": "aoi_lightning.models.patchcore.lightning_model:Patchcore",
+    "aoi_lightning.models.Padim": _PADIM,
+    "aoi_lightning.models.Patchcore": _PATCHCORE,
+    "aoi_lightning.models.padim.lightning_model.Padim": _PADIM,
+    "aoi_lightning.models.patchcore.lightning_model.Patchcore": _PATCHCORE,
 }
 
 
@@ -94,7 +96,9 @@ def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "c
     return model.to(device).eval()
 
 
-def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu", require_thresholds: bool = True) -> tuple[AnomalyModule, RunInfo]:
+def load_run_model(
+    run_dir: str | Path, device: str | torch.device = "cpu", require_thresholds: bool = True
+) -> tuple[AnomalyModule, RunInfo]:
     """Model and facts of a run directory; with `require_thresholds`, a run without tuned thresholds is an error."""
     info = read_run_info(run_dir)
     model = load_checkpoint_model(info.run.checkpoint, device)

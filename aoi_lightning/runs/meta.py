@@ -10,8 +10,20 @@ from pathlib import Path
 
 import torch
 
-_PACKAGES = ("aoi-lightning", "torch", "torchvision", "lightning", "timm", "torchmetrics", "kornia", "faiss-cpu",
-             "onnx", "onnxruntime", "opencv-python-headless", "numpy")
+_PACKAGES = (
+    "aoi-lightning",
+    "torch",
+    "torchvision",
+    "lightning",
+    "timm",
+    "torchmetrics",
+    "kornia",
+    "faiss-cpu",
+    "onnx",
+    "onnxruntime",
+    "opencv-python-headless",
+    "numpy",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -28,7 +40,12 @@ def git_commit(start: Path | None = None) -> str | None:
     """Commit of the git work tree holding the current folder (None outside git)."""
     try:
         res = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=start or Path.cwd(), capture_output=True, text=True, timeout=5, check=False
+            ["git", "rev-parse", "HEAD"],
+            cwd=start or Path.cwd(),
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None

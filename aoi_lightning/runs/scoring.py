@@ -9,7 +9,9 @@ from aoi_lightning.models.components.base import AnomalyTorchModel
 
 
 @torch.inference_mode()
-def score_loader(model: AnomalyTorchModel, loader: DataLoader, device: torch.device | str = "cpu") -> tuple[list[dict], list[float]]:
+def score_loader(
+    model: AnomalyTorchModel, loader: DataLoader, device: torch.device | str = "cpu"
+) -> tuple[list[dict], list[float]]:
     """Per-image records (image_path, gt_label, defect_type, split, pred_score) and the per-image map maxima."""
     records, map_max = [], []
     model.eval()
@@ -24,12 +26,14 @@ def score_loader(model: AnomalyTorchModel, loader: DataLoader, device: torch.dev
         kept = [i for i, k in enumerate(ok) if k]
         for j, i in enumerate(kept):
             label = int(batch["label"][i])
-            records.append({
-                "image_path": batch["image_path"][i],
-                "gt_label": label if label >= 0 else None,
-                "defect_type": batch["defect_type"][i],
-                "split": batch["split"][i],
-                "pred_score": scores[j],
-            })
+            records.append(
+                {
+                    "image_path": batch["image_path"][i],
+                    "gt_label": label if label >= 0 else None,
+                    "defect_type": batch["defect_type"][i],
+                    "split": batch["split"][i],
+                    "pred_score": scores[j],
+                }
+            )
             map_max.append(maxima[j])
     return records, map_max

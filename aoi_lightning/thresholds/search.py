@@ -50,10 +50,24 @@ def best_f1_threshold(scores: torch.Tensor, labels: torch.Tensor) -> ThresholdRe
     f1 = 2 * tp / (2 * tp + fp + fn)
     best = float(f1.max())
     idx = int((f1 == best).nonzero().min())  # descending order: the first is the highest threshold
-    t = float(cand[idx])
+    best_score = float(cand[idx])
     if idx + 1 < cand.numel():
-        t = (float(cand[idx + 1]) + t) / 2.0
-    return ThresholdResult(threshold=t, metric="f1", value=best)
+        lower = float(cand[idx + 1])
+    else:  # every image NG at the optimum: go below the lowest score by half the gap above it (or a relative step)
+        gap = float(cand[idx - 1]) - best_score if idx > 0 else 0.0
+        lower = best_score - max(gap, 2e-6 * max(abs(best_score), 1e-12))
+    return ThresholdResult(threshold=_float32_between(lower, best_score), metric="f1", value=best)
+
+
+def _float32_between(lower: float, upper: float) -> float:
+    """The float32 value nearest the midpoint of (lower, upper] that stays strictly above `lower` and at most
+    `upper`, so that storing the threshold in a float32 buffer keeps every decision."""
+    t = np.float32((lower + upper) / 2.0)
+    if float(t) > upper:
+        t = np.nextafter(np.float32(upper), np.float32(-np.inf)) if np.float32(upper) > upper else np.float32(upper)
+    if float(t) <= lower:
+        t = np.nextafter(np.float32(lower), np.float32(np.inf))
+    return float(t)
 
 
 def best_pixel_threshold(hist: GroupHist, edges: torch.Tensor, metric: str = "f1") -> ThresholdResult:

@@ -69,7 +69,9 @@ class AnomalyTorchModel(nn.Module):
     def _forward_fitted(self, images: torch.Tensor) -> InferenceOutput:
         raise NotImplementedError
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Fitted buffers have data-dependent shapes: take the checkpoint's shapes before the copy.
         for name in self.dynamic_buffers:
             key = prefix + name
@@ -78,4 +80,6 @@ class AnomalyTorchModel(nn.Module):
                 owner, _, attr = name.rpartition(".")
                 module = self.get_submodule(owner) if owner else self
                 setattr(module, attr, torch.empty_like(state_dict[key], device=buf.device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

@@ -21,9 +21,7 @@ def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tens
     return out
 
 
-def greedy_coreset(
-    features: torch.Tensor, num_samples: int, projection_dim: int = 64, seed: int = 0
-) -> torch.Tensor:
+def greedy_coreset(features: torch.Tensor, num_samples: int, projection_dim: int = 64, seed: int = 0) -> torch.Tensor:
     """Indices of a greedy k-center (farthest-first) coreset.
 
     Each step picks the point farthest from the current selection and updates every point's distance to

@@ -23,7 +23,11 @@ WEIGHT_KEYWORDS = ("package", "imagenet", "none")
 
 
 class LayerError(ValueError):
-    """An unknown backbone or layer name."""
+    """An unknown backbone or layer name; `key` is the config key it concerns."""
+
+    def __init__(self, message: str, key: str = "model.layers") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def available_layers(backbone: str) -> list[str]:
@@ -35,7 +39,9 @@ def available_layers(backbone: str) -> list[str]:
 def _create(backbone: str, out_indices: Sequence[int] | None, pretrained: bool) -> nn.Module:
     if backbone not in timm.list_models() and backbone not in timm.list_models(pretrained=True):
         close = timm.list_models(f"*{backbone.split('_')[0]}*")[:12]
-        raise LayerError(f"unknown backbone {backbone!r}; timm names such as: {', '.join(close) or 'resnet18'}")
+        raise LayerError(
+            f"unknown backbone {backbone!r}; timm names such as: {', '.join(close) or 'resnet18'}", key="model.backbone"
+        )
     kwargs = {"features_only": True, "pretrained": pretrained, "exportable": True}
     if out_indices is not None:
         kwargs["out_indices"] = tuple(out_indices)

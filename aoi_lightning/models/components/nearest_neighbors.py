@@ -13,7 +13,9 @@ def squared_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.
     return (q_sq - 2.0 * queries @ bank.T + bank_sq.unsqueeze(0)).clamp_min(0.0)
 
 
-def knn_torch(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_torch(
+    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 65536
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest neighbours with matmul, bank processed in chunks to bound memory.
 
     Returns:

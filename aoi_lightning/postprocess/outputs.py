@@ -1,0 +1,216 @@
+"""Writing predictions into an output folder: `preds.jsonl` lines, `masks/`, `overlays/`, `report.json`.
+
+Shared by the `aoi run` runner and the PredictionWriter callback, so both produce the same files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aoi_lightning.postprocess.defects import extract_defects
+from aoi_lightning.postprocess.overlay import render_overlay, save_mask_png, write_png
+from aoi_lightning.postprocess.records import build_report, error_record, output_name, prediction_record
+from aoi_lightning.runs.jsonio import dumps, read_jsonl, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+MASKS_DIR = "masks"
+OVERLAYS_DIR = "overlays"
+PREDS_FILE = "preds.jsonl"
+REPORT_FILE = "report.json"
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What to write per image.
+
+    Attributes:
+        pixel_threshold_mult: multiplier of the pixel threshold (sensitivity of the defect masks).
+        min_defect_area: smallest defect kept, in model pixels.
+        save_masks: write `masks/<name>.png` (0/255 at the original size).
+        save_overlays: write `overlays/<name>.png` (heat map, outlines, verdict at the original size).
+    """
+
+    pixel_threshold_mult: float = 1.0
+    min_defect_area: int = 0
+    save_masks: bool = True
+    save_overlays: bool = True
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.pixel_threshold_mult) and self.pixel_threshold_mult > 0):
+            raise ValueError(f"pixel_threshold_mult must be a positive number, got {self.pixel_threshold_mult}")
+        if self.min_defect_area < 0:
+            raise ValueError(f"min_defect_area must be >= 0, got {self.min_defect_area}")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The model side of every record: name, category, input size (h, w) and thresholds (`quantile_*` optional)."""
+
+    model: str
+    category: str
+    input_size: tuple[int, int]
+    image_threshold: float
+    pixel_threshold: float
+    thresholds: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.image_threshold) and math.isfinite(self.pixel_threshold)):
+            raise ValueError(
+                "the model has no thresholds: train it with `aoi fit --config experiments/<experiment>.yaml` "
+                "(the ThresholdTuning callback sets them)"
+            )
+
+    def report_thresholds(self) -> dict:
+        return {**self.thresholds, "image_threshold": self.image_threshold, "pixel_threshold": self.pixel_threshold}
+
+
+class PredictionOutputs:
+    """Appends one complete, flushed JSON line per image to `jsonl_path` and writes its mask and overlay.
+
+    The mask and overlay are written before the line, so a line never names a missing file; a crash loses
+    at most the image in progress. Output names come from `output_name(image_path, input_root)`.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        facts: ModelFacts,
+        options: OutputOptions,
+        input_root: str | Path | None = None,
+        jsonl_name: str = PREDS_FILE,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.facts = facts
+        self.options = options
+        self.input_root = input_root
+        self.jsonl_path = self.output_dir / jsonl_name
+        self._handle = None
+        self.count = 0
+
+    def open(self) -> PredictionOutputs:
+        """Create the folders and start an empty JSON Lines file."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for sub, wanted in ((MASKS_DIR, self.options.save_masks), (OVERLAYS_DIR, self.options.save_overlays)):
+            if wanted:
+                (self.output_dir / sub).mkdir(exist_ok=True)
+        self._handle = open(self.jsonl_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        return self
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> PredictionOutputs:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _append(self, record: dict, extra: dict | None) -> None:
+        if self._handle is None:
+            raise RuntimeError("PredictionOutputs.open() was not called")
+        line = {**(extra or {}), **record}
+        self._handle.write(dumps(line) + "\n")
+        self._handle.flush()
+        self.count += 1
+
+    def _file(self, sub: str, name: str) -> tuple[Path, str]:
+        path = self.output_dir / sub / f"{name}.png"
+        if path.parent != self.output_dir / sub:  # output_name never yields separators; belt and braces
+            raise ValueError(f"unsafe output name {name!r}")
+        return path, f"{sub}/{name}.png"
+
+    def write(
+        self,
+        image_path: str,
+        pred_score: float,
+        anomaly_map: np.ndarray,
+        original_size: tuple[int, int],
+        gt_label: int | None = None,
+        image_rgb: np.ndarray | None = None,
+        extra: dict | None = None,
+    ) -> dict:
+        """Post-process one prediction and write its files and line.
+
+        Args:
+            image_path: input file.
+            pred_score: image score.
+            anomaly_map: (H, W) map at the model's resolution.
+            original_size: (h, w) of the original image.
+            gt_label: 0/1 when known.
+            image_rgb: (h, w, 3) uint8 original image for the overlay (no overlay when None).
+            extra: keys stored in front of the record (e.g. a dataset index for merging); not part of it.
+
+        Returns:
+            the record.
+        """
+        opts, facts = self.options, self.facts
+        amap = np.asarray(anomaly_map, dtype=np.float32).reshape(anomaly_map.shape[-2:])
+        mask, defects = extract_defects(
+            amap, facts.pixel_threshold, opts.pixel_threshold_mult, opts.min_defect_area, original_size
+        )
+        name = output_name(image_path, self.input_root)
+        mask_rel = overlay_rel = None
+        if opts.save_masks:
+            path, mask_rel = self._file(MASKS_DIR, name)
+            save_mask_png(mask, original_size, path)
+        if opts.save_overlays and image_rgb is not None:
+            path, overlay_rel = self._file(OVERLAYS_DIR, name)
+            effective = facts.pixel_threshold * opts.pixel_threshold_mult
+            picture = render_overlay(image_rgb, amap, mask, defects, pred_score, facts.image_threshold, effective)
+            write_png(path, picture)
+        record = prediction_record(
+            image_path=image_path,
+            model=facts.model,
+            category=facts.category,
+            image_size=original_size,
+            model_input_size=facts.input_size,
+            gt_label=gt_label,
+            pred_score=pred_score,
+            image_threshold=facts.image_threshold,
+            pixel_threshold=facts.pixel_threshold,
+            pixel_threshold_mult=opts.pixel_threshold_mult,
+            defects=defects,
+            mask_path=mask_rel,
+            overlay_path=overlay_rel,
+        )
+        self._append(record, extra)
+        return record
+
+    def write_error(self, image_path: str, error: str, extra: dict | None = None) -> dict:
+        """Write the error line of an unreadable image."""
+        record = error_record(image_path, error)
+        log.warning("%s", record["error"])
+        self._append(record, extra)
+        return record
+
+
+def finish_outputs(output_dir: str | Path, records: list[dict], facts: ModelFacts, run_id: str) -> dict:
+    """Write `report.json` for `records` (the content of `preds.jsonl`) and return it."""
+    report = build_report(records, facts.model, facts.category, run_id, facts.report_thresholds())
+    write_json(Path(output_dir) / REPORT_FILE, report)
+    return report
+
+
+def merge_rank_files(output_dir: str | Path, rank_files: list[Path], order_key: str = "index") -> list[dict]:
+    """Merge per-rank JSON Lines files into `preds.jsonl`, sorted and de-duplicated by `order_key`.
+
+    The key is dropped from the merged records; the rank files are removed once `preds.jsonl` is written.
+    """
+    by_key: dict = {}
+    for path in rank_files:
+        if path.is_file():
+            for rec in read_jsonl(path):
+                by_key.setdefault(rec[order_key], rec)
+    records = [{k: v for k, v in by_key[key].items() if k != order_key} for key in sorted(by_key)]
+    write_jsonl(Path(output_dir) / PREDS_FILE, records)
+    for path in rank_files:
+        path.unlink(missing_ok=True)
+    return records

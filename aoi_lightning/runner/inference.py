@@ -1,0 +1,192 @@
+"""The AOI runner: a trained model over a folder of images, results written with the shared output code.
+
+The model is behind a small `Predictor` interface (`predict(images) -> (scores, maps)` plus the facts of
+the model), so that another back end (e.g. ONNX Runtime) plugs in without touching the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from aoi_lightning.data.image_io import ImageReadError, read_image, resize_image
+from aoi_lightning.postprocess.outputs import ModelFacts, OutputOptions, PredictionOutputs, finish_outputs
+from aoi_lightning.runs.jsonio import read_jsonl
+
+log = logging.getLogger(__name__)
+
+
+class Predictor(Protocol):
+    """A loaded model: its facts (name, category, input size, thresholds), run id, and the forward pass."""
+
+    facts: ModelFacts
+    run_id: str
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images (B, 3, H, W) float32 in [0, 1] -> scores (B,) and anomaly maps (B, H, W), float32."""
+        ...
+
+
+class TorchPredictor:
+    """Predictor over the torch model of a run directory (`weights/model.ckpt`)."""
+
+    def __init__(self, model, facts: ModelFacts, run_id: str, device: str = "cpu") -> None:
+        self.model = model.eval()
+        self.facts = facts
+        self.run_id = run_id
+        self.device = device
+
+    @classmethod
+    def from_run(cls, model_dir: str | Path, device: str = "cpu") -> TorchPredictor:
+        """Load a trained run; errors clearly when it has no checkpoint or no thresholds."""
+        from aoi_lightning.runs.loading import load_run_model
+
+        module, info = load_run_model(model_dir, device=device, require_thresholds=True)
+        threshold_info = dict(getattr(module, "threshold_info", {}) or {})
+        facts = ModelFacts(
+            model=info.model_name or module.model_name,
+            category=info.category,
+            input_size=info.image_size,
+            image_threshold=float(module.model.image_threshold),
+            pixel_threshold=float(module.model.pixel_threshold),
+            thresholds={k: threshold_info.get(k) for k in ("quantile_image", "quantile_pixel")},
+        )
+        return cls(module.model, facts, info.run.path.name, device)
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
+            scores = out.pred_score.float().cpu().numpy()
+            maps = out.anomaly_map.float().cpu().numpy()[:, 0]
+        return scores, maps
+
+
+def resolve_device(device: str) -> str:
+    """`cpu`, `cuda` or `auto` (cuda when available) -> a torch device name; errors when cuda is missing."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return device
+
+
+@dataclass
+class LoadedImage:
+    """One decoded input: the original (h, w, 3) RGB image (when kept), the model input (3, H, W), or an error."""
+
+    path: Path
+    original_size: tuple[int, int] = (0, 0)
+    original: np.ndarray | None = None
+    model_input: np.ndarray | None = None
+    error: str = ""
+
+
+def load_image(path: Path, size: tuple[int, int], keep_original: bool) -> LoadedImage:
+    """Decode and resize like the training data (`read_image`, `resize_image`, /255)."""
+    try:
+        image = read_image(path)
+    except ImageReadError as exc:
+        return LoadedImage(path, error=str(exc))
+    small = resize_image(image, size)
+    model_input = np.ascontiguousarray(small.transpose(2, 0, 1)).astype(np.float32) / np.float32(255.0)
+    return LoadedImage(path, image.shape[:2], image if keep_original else None, model_input)
+
+
+def iter_batches(
+    paths: Sequence[Path], batch_size: int, size: tuple[int, int], keep_original: bool, executor: Executor | None
+) -> Iterator[list[LoadedImage]]:
+    """Batches of decoded images; with an executor the next batch is decoded while the current one runs."""
+
+    def submit(chunk: Sequence[Path]) -> list[Future] | list[LoadedImage]:
+        if executor is None:
+            return [load_image(p, size, keep_original) for p in chunk]
+        return [executor.submit(load_image, p, size, keep_original) for p in chunk]
+
+    chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    pending = submit(chunks[0]) if chunks else []
+    for k in range(len(chunks)):
+        current = pending
+        pending = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
+        yield [item.result() if isinstance(item, Future) else item for item in current]
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with lightning
+        return None
+    return tqdm(total=total, unit="img", desc="aoi run", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+def run_folder(
+    predictor: Predictor,
+    paths: Sequence[Path],
+    output_dir: str | Path,
+    options: OutputOptions,
+    input_root: str | Path | None = None,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Predict `paths` and write `preds.jsonl` (one flushed line per image), masks, overlays and `report.json`.
+
+    Args:
+        predictor: the model.
+        paths: image files, in output order.
+        output_dir: output folder.
+        options: what to write (pixel threshold multiplier, minimum defect area, masks, overlays).
+        input_root: folder the output file names are relative to.
+        batch_size: images per forward pass.
+        num_workers: decoding threads (0: decode in the main thread).
+        progress: show a progress bar.
+
+    Returns:
+        the report (also written to `report.json`), with `images_per_second` of the whole loop added.
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    facts = predictor.facts
+    outputs = PredictionOutputs(output_dir, facts, options, input_root)
+    bar = _progress(len(paths), progress and len(paths) > 0)
+    start = time.perf_counter()
+    executor = ThreadPoolExecutor(max_workers=num_workers) if num_workers > 0 else None
+    try:
+        with outputs:
+            for batch in iter_batches(list(paths), batch_size, facts.input_size, options.save_overlays, executor):
+                good = [item for item in batch if not item.error]
+                scores = maps = None
+                if good:
+                    scores, maps = predictor.predict(np.stack([item.model_input for item in good]))
+                j = 0
+                for item in batch:
+                    if item.error:
+                        outputs.write_error(str(item.path), item.error)
+                    else:
+                        outputs.write(
+                            str(item.path), float(scores[j]), maps[j], item.original_size, image_rgb=item.original
+                        )
+                        j += 1
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - start
+    records = read_jsonl(outputs.jsonl_path)
+    report = finish_outputs(output_dir, records, facts, predictor.run_id)
+    report["images_per_second"] = len(paths) / elapsed if elapsed > 0 and paths else 0.0
+    return report

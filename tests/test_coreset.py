@@ -1,0 +1,84 @@
+"""Greedy k-center coreset against a brute-force farthest-first reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from aoi_lightning.models.components.coreset import greedy_coreset, random_projection
+
+
+def _farthest_first(x: torch.Tensor, first: int, k: int) -> list[int]:
+    """Brute-force farthest-first traversal in float64 with full distance recomputation each step."""
+    x = x.double()
+    selected = [first]
+    for _ in range(k - 1):
+        d = torch.cdist(x, x[selected]).min(dim=1).values
+        d[selected] = -1.0
+        selected.append(int(d.argmax()))
+    return selected
+
+
+def _radius(x: torch.Tensor, centres: list[int]) -> float:
+    """Covering radius: the largest distance from a point to its nearest centre."""
+    return float(torch.cdist(x.double(), x[centres].double()).min(dim=1).values.max())
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_selection_order_matches_brute_force_without_projection(seed: int) -> None:
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(10 + seed))
+    sel = greedy_coreset(x, 25, projection_dim=0, seed=seed)
+    assert sel.dtype == torch.int64 and sel.shape == (25,)
+    assert len(set(sel.tolist())) == 25
+    assert sel.tolist() == _farthest_first(x, int(sel[0]), 25)
+
+
+def test_projection_is_seeded_and_reduces_dimension() -> None:
+    x = torch.randn(50, 32)
+    a, b = random_projection(x, 8, seed=1), random_projection(x, 8, seed=1)
+    assert a.shape == (50, 8)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, random_projection(x, 8, seed=2))
+    torch.testing.assert_close(random_projection(x, 0, seed=1), x)  # no projection
+    torch.testing.assert_close(random_projection(x, 64, seed=1), x)  # dim >= D: identity
+
+
+def test_selection_with_projection_is_deterministic_under_seed() -> None:
+    x = torch.randn(300, 40, generator=torch.Generator().manual_seed(0))
+    a = greedy_coreset(x, 30, projection_dim=8, seed=5)
+    b = greedy_coreset(x, 30, projection_dim=8, seed=5)
+    c = greedy_coreset(x, 30, projection_dim=8, seed=6)
+    torch.testing.assert_close(a, b)
+    assert a.tolist() != c.tolist()
+
+
+def test_k_equal_n_returns_all() -> None:
+    x = torch.randn(12, 3)
+    assert sorted(greedy_coreset(x, 12, projection_dim=0).tolist()) == list(range(12))
+
+
+@pytest.mark.parametrize("k", [0, -1, 13])
+def test_invalid_k_raises(k: int) -> None:
+    with pytest.raises(ValueError, match="num_samples"):
+        greedy_coreset(torch.randn(12, 3), k)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_covering_radius_within_twice_optimal(seed: int) -> None:
+    """Farthest-first is a 2-approximation of the optimal k-center radius (centres among the points)."""
+    x = torch.randn(12, 2, generator=torch.Generator().manual_seed(seed)) * torch.tensor([3.0, 1.0])
+    k = 3
+    optimal = min(_radius(x, list(c)) for c in itertools.combinations(range(12), k))
+    greedy = _radius(x, greedy_coreset(x, k, projection_dim=0, seed=seed).tolist())
+    assert greedy <= 2.0 * optimal + 1e-9
+
+
+def test_coreset_covers_clusters() -> None:
+    """Four tight, far-apart clusters and k=4: one centre per cluster."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0]])
+    x = torch.cat([c + torch.randn(30, 2, generator=gen) for c in centres])
+    sel = greedy_coreset(x, 4, projection_dim=0, seed=1)
+    assert sorted(int(i) // 30 for i in sel) == [0, 1, 2, 3]

@@ -1,0 +1,189 @@
+"""Feature extractor: layer names, weight sources (pip package, local file, timm cache) and normalisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from aoi_lightning.models.components.feature_extractor import (
+    FeatureExtractor,
+    LayerError,
+    available_layers,
+    layers_for_strides,
+)
+from aoi_lightning.models.components.weights import (
+    LITE0_MEAN_STD,
+    WeightsError,
+    lite0_package_file,
+    rename_efficientnet_pytorch_keys,
+)
+
+LITE0 = "tf_efficientnet_lite0"
+LITE0_LAYERS = ("blocks.1", "blocks.2", "blocks.4")
+
+
+@pytest.fixture(scope="module")
+def lite0_raw() -> dict[str, torch.Tensor]:
+    """The pip package's efficientnet_pytorch-style state dict, unmodified."""
+    return torch.load(lite0_package_file(), map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def lite0_package_extractor() -> FeatureExtractor:
+    return FeatureExtractor(LITE0, LITE0_LAYERS, weights="package")
+
+
+def _timm_name(source_key: str, stage_sizes: list[int]) -> str:
+    """Expected timm name of an efficientnet_pytorch key, from timm's own block layout."""
+    parts = source_key.split(".")
+    if parts[0] != "_blocks":
+        top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+        return ".".join([top[parts[0]], *parts[1:]])
+    flat, module, rest = int(parts[1]), parts[2], parts[3:]
+    stage = 0
+    while flat >= stage_sizes[stage]:
+        flat -= stage_sizes[stage]
+        stage += 1
+    if stage == 0:
+        names = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    else:
+        names = {
+            "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+            "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
+        }  # fmt: skip
+    return ".".join(["blocks", str(stage), str(flat), names[module], *rest])
+
+
+def test_unknown_layer_lists_valid_names() -> None:
+    with pytest.raises(LayerError) as info:
+        FeatureExtractor(LITE0, ("blocks.1", "bogus"), weights="none")
+    message = str(info.value)
+    assert "bogus" in message
+    for name in available_layers(LITE0):
+        assert name in message
+
+
+def test_layers_out_of_order_are_rejected() -> None:
+    with pytest.raises(LayerError):
+        FeatureExtractor(LITE0, ("blocks.4", "blocks.1"), weights="none")
+
+
+def test_unknown_backbone() -> None:
+    with pytest.raises(LayerError, match="nosuchnet"):
+        FeatureExtractor("nosuchnet", ("layer1",), weights="none")
+
+
+def test_layers_for_strides() -> None:
+    assert layers_for_strides(LITE0, (4, 8, 16)) == LITE0_LAYERS
+    assert layers_for_strides("resnet18", (4, 8, 16)) == ("layer1", "layer2", "layer3")
+    assert layers_for_strides(LITE0, (8, 16)) == ("blocks.2", "blocks.4")
+    with pytest.raises(LayerError, match="stride 3"):
+        layers_for_strides("resnet18", (3,))
+
+
+def test_feature_shapes_and_strides() -> None:
+    fe = FeatureExtractor(LITE0, LITE0_LAYERS, weights="none")
+    feats = fe(torch.rand(2, 3, 64, 64))
+    assert fe.strides == [4, 8, 16]
+    expected = [(2, c, 64 // s, 64 // s) for c, s in zip(fe.channels, fe.strides, strict=True)]
+    assert [tuple(f.shape) for f in feats] == expected
+    assert not any(p.requires_grad for p in fe.parameters())
+
+
+def test_rename_maps_every_key_onto_the_full_timm_model(lite0_raw) -> None:
+    model = timm.create_model(LITE0, pretrained=False)
+    renamed = rename_efficientnet_pytorch_keys(lite0_raw)
+    assert len(renamed) == len(lite0_raw)
+    assert set(renamed) == set(model.state_dict())
+    model.load_state_dict(renamed, strict=True)
+    stage_sizes = [len(stage) for stage in model.blocks]
+    for key, value in lite0_raw.items():
+        assert torch.equal(renamed[_timm_name(key, stage_sizes)], value), key
+
+
+def test_rename_rejects_foreign_keys() -> None:
+    with pytest.raises(WeightsError):
+        rename_efficientnet_pytorch_keys({"features.0.weight": torch.zeros(1)})
+
+
+def test_package_weights_load_into_truncated_model(lite0_package_extractor, lite0_raw) -> None:
+    body = lite0_package_extractor.body
+    assert torch.equal(body.conv_stem.weight, lite0_raw["_conv_stem.weight"])
+    # first block of stage 4 is flat block 1 + 2 + 2 + 3 = 8
+    assert torch.equal(body.blocks[4][0].conv_pw.weight, lite0_raw["_blocks.8._expand_conv.weight"])
+    assert torch.equal(body.blocks[2][1].bn3.running_var, lite0_raw["_blocks.4._bn2.running_var"])
+
+
+def test_lite0_normalisation_is_half(lite0_package_extractor) -> None:
+    mean, std = LITE0_MEAN_STD
+    assert mean == (0.5, 0.5, 0.5) and std == (0.5, 0.5, 0.5)
+    torch.testing.assert_close(lite0_package_extractor.mean.flatten(), torch.full((3,), 0.5))
+    torch.testing.assert_close(lite0_package_extractor.std.flatten(), torch.full((3,), 0.5))
+    # normalisation happens inside: a grey image of 0.5 is a zero input to the network
+    body_in = []
+    handle = lite0_package_extractor.body.conv_stem.register_forward_pre_hook(lambda m, a: body_in.append(a[0]))
+    lite0_package_extractor(torch.full((1, 3, 32, 32), 0.5))
+    handle.remove()
+    assert float(body_in[0].abs().max()) == 0.0
+
+
+def test_resnet_uses_imagenet_normalisation() -> None:
+    fe = FeatureExtractor("resnet18", ("layer1",), weights="none")
+    torch.testing.assert_close(fe.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    torch.testing.assert_close(fe.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
+
+
+def test_package_weights_only_for_lite0() -> None:
+    with pytest.raises(WeightsError, match="package"):
+        FeatureExtractor("resnet18", ("layer1",), weights="package")
+
+
+@pytest.mark.parametrize("wrapper", [None, "state_dict"])
+def test_local_weights_file(tmp_path: Path, wrapper: str | None) -> None:
+    torch.manual_seed(0)
+    source = timm.create_model("resnet18", pretrained=False).state_dict()
+    payload = {wrapper: source} if wrapper else source
+    path = tmp_path / "resnet18.pth"
+    torch.save(payload, path)
+    fe = FeatureExtractor("resnet18", ("layer1", "layer2", "layer3"), weights=str(path))
+    assert torch.equal(fe.body.layer2[0].conv1.weight, source["layer2.0.conv1.weight"])
+    assert torch.equal(fe.body.bn1.running_mean, source["bn1.running_mean"])
+
+
+def test_local_weights_that_do_not_fit(tmp_path: Path, lite0_raw) -> None:
+    wrong_model = tmp_path / "lite0.pth"
+    torch.save(lite0_raw, wrong_model)
+    with pytest.raises(WeightsError, match="do not fit"):
+        FeatureExtractor("resnet18", ("layer1",), weights=str(wrong_model))
+    source = timm.create_model("resnet18", pretrained=False).state_dict()
+    source["conv1.weight"] = torch.zeros(8, 3, 7, 7)
+    wrong_shape = tmp_path / "shape.pth"
+    torch.save(source, wrong_shape)
+    with pytest.raises(WeightsError, match="shape"):
+        FeatureExtractor("resnet18", ("layer1",), weights=str(wrong_shape))
+    not_weights = tmp_path / "list.pth"
+    torch.save([1, 2, 3], not_weights)
+    with pytest.raises(WeightsError):
+        FeatureExtractor("resnet18", ("layer1",), weights=str(not_weights))
+    with pytest.raises(WeightsError, match="not found"):
+        FeatureExtractor("resnet18", ("layer1",), weights=str(tmp_path / "missing.pth"))
+
+
+def test_imagenet_weights_offline_with_empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(WeightsError) as info:
+        FeatureExtractor("resnet18", ("layer1",), weights="imagenet")
+    message = str(info.value)
+    assert "resnet18" in message
+    assert "model.weights" in message and "local" in message  # says how to supply weights
+    assert "package" in message  # and names the offline alternative

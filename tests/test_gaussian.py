@@ -1,0 +1,131 @@
+"""Per-position Gaussian statistics against numpy/scipy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+
+from aoi_lightning.models.components.gaussian import (
+    GaussianStats,
+    StreamingMoments,
+    mahalanobis,
+    whitening_from_covariance,
+)
+
+
+def _random_embeddings(rng: np.random.Generator, n: int, channels: int, positions: int, offset: float) -> np.ndarray:
+    """(N, C, P) correlated data with a per-channel offset."""
+    mix = rng.normal(size=(positions, channels, channels))
+    z = rng.normal(size=(n, positions, channels))
+    x = np.einsum("npc,pdc->ndp", z, mix)  # (N, C, P)
+    return x + offset + rng.normal(size=(1, channels, positions))
+
+
+def _numpy_mean_cov(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (C, P) and unbiased covariance (P, C, C) with np.cov per position."""
+    mean = x.mean(axis=0)
+    cov = np.stack([np.cov(x[:, :, p], rowvar=False) for p in range(x.shape[2])])
+    return mean, cov
+
+
+def _feed(x: np.ndarray, batch_sizes: list[int]) -> StreamingMoments:
+    moments = StreamingMoments()
+    start = 0
+    for size in batch_sizes:
+        moments.update(torch.from_numpy(x[start : start + size]))
+        start += size
+    assert start == x.shape[0]
+    return moments
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0e7])
+def test_streaming_moments_match_numpy_over_several_batches(offset: float) -> None:
+    rng = np.random.default_rng(0)
+    x = _random_embeddings(rng, n=37, channels=6, positions=5, offset=offset)
+    moments = _feed(x, [5, 1, 13, 8, 10])
+    mean, cov = moments.mean_cov()
+    ref_mean, ref_cov = _numpy_mean_cov(x)
+    assert moments.count == 37
+    assert mean.dtype == torch.float64 and tuple(mean.shape) == (6, 5)
+    assert tuple(cov.shape) == (5, 6, 6)
+    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-12, atol=1e-9)
+    # a naive sum-of-squares estimate loses every digit at an offset of 1e7; the shifted one keeps them
+    np.testing.assert_allclose(cov.numpy(), ref_cov, rtol=1e-7, atol=1e-7)
+
+
+def test_streaming_moments_independent_of_batching() -> None:
+    x = _random_embeddings(np.random.default_rng(1), n=20, channels=4, positions=3, offset=5.0)
+    _, cov_a = _feed(x, [20]).mean_cov()
+    _, cov_b = _feed(x, [1] * 20).mean_cov()
+    np.testing.assert_allclose(cov_a.numpy(), cov_b.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_streaming_moments_need_two_images() -> None:
+    moments = StreamingMoments()
+    moments.update(torch.randn(1, 3, 2))
+    with pytest.raises(ValueError, match="at least 2"):
+        moments.mean_cov()
+
+
+@pytest.mark.parametrize("regularization", [0.0, 0.01, 1.0])
+def test_whitening_is_inverse_cholesky_of_regularised_covariance(regularization: float) -> None:
+    x = _random_embeddings(np.random.default_rng(2), n=50, channels=7, positions=4, offset=0.0)
+    _, cov = _numpy_mean_cov(x)
+    w = whitening_from_covariance(torch.from_numpy(cov), regularization).numpy()
+    assert w.dtype == np.float64
+    for p in range(cov.shape[0]):
+        expected = np.linalg.inv(cov[p] + regularization * np.eye(7))
+        np.testing.assert_allclose(w[p].T @ w[p], expected, rtol=1e-8, atol=1e-10)
+        assert np.allclose(np.triu(w[p], 1), 0.0)  # lower triangular
+
+
+def test_whitening_rejects_indefinite_covariance() -> None:
+    cov = -torch.eye(3, dtype=torch.float64).expand(2, 3, 3).clone()
+    with pytest.raises(ValueError, match="positive definite"):
+        whitening_from_covariance(cov, 0.01)
+
+
+def test_mahalanobis_matches_scipy() -> None:
+    rng = np.random.default_rng(3)
+    train = _random_embeddings(rng, n=40, channels=5, positions=6, offset=2.0)
+    mean, cov = _numpy_mean_cov(train)
+    reg = 0.05
+    w_t = whitening_from_covariance(torch.from_numpy(cov), reg).transpose(1, 2)
+    queries = _random_embeddings(rng, n=4, channels=5, positions=6, offset=2.5)
+    dist = mahalanobis(torch.from_numpy(queries), torch.from_numpy(mean), w_t).numpy()
+    assert dist.shape == (4, 6)
+    for b in range(4):
+        for p in range(6):
+            vi = np.linalg.inv(cov[p] + reg * np.eye(5))
+            expected = scipy_mahalanobis(queries[b, :, p], mean[:, p], vi)
+            assert dist[b, p] == pytest.approx(expected, rel=1e-9)
+
+
+def test_gaussian_stats_module_float32_close_to_float64() -> None:
+    rng = np.random.default_rng(4)
+    train = _random_embeddings(rng, n=30, channels=4, positions=3, offset=0.0)
+    moments = _feed(train, [30])
+    mean, cov = moments.mean_cov()
+    w = whitening_from_covariance(cov, 0.01)
+    stats = GaussianStats()
+    stats.set(mean, w)
+    assert all(t.dtype == torch.float32 for t in stats.state_dict().values())
+    assert set(stats.state_dict()) == {"mean", "whitening_t"}
+    q = torch.from_numpy(train[:5]).float()
+    expected = mahalanobis(q.double(), mean, w.transpose(1, 2)).numpy()
+    np.testing.assert_allclose(stats(q).numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fit_on_x_score_x_mean_squared_distance_is_exact() -> None:
+    """With no regularisation, sum_i d_i^2 over the training set equals (N - 1) * C at every position."""
+    n, channels = 25, 6
+    train = _random_embeddings(np.random.default_rng(5), n=n, channels=channels, positions=4, offset=3.0)
+    mean, cov = _feed(train, [10, 15]).mean_cov()
+    w_t = whitening_from_covariance(cov, 0.0).transpose(1, 2)
+    d2 = mahalanobis(torch.from_numpy(train), mean, w_t).pow(2).sum(dim=0).numpy()
+    np.testing.assert_allclose(d2, (n - 1) * channels, rtol=1e-8)
+    # the mean itself is at distance 0
+    at_mean = mahalanobis(mean.unsqueeze(0), mean, w_t)
+    assert float(at_mean.abs().max()) < 1e-6

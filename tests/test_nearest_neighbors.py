@@ -1,0 +1,69 @@
+"""Nearest-neighbour search (matmul and faiss) against `torch.cdist`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aoi_lightning.models.components.nearest_neighbors import FaissSearcher, knn_torch, squared_distances
+
+
+@pytest.fixture
+def bank_and_queries() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(300, 24, generator=gen) * 3.0 + 1.0
+    queries = torch.randn(40, 24, generator=gen) * 3.0 + 1.0
+    return bank, queries
+
+
+def _reference(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    d = torch.cdist(queries.double(), bank.double())
+    return torch.topk(d, k, dim=1, largest=False)
+
+
+def test_squared_distances_match_cdist(bank_and_queries) -> None:
+    bank, queries = bank_and_queries
+    d2 = squared_distances(queries, bank)
+    expected = torch.cdist(queries.double(), bank.double()).pow(2)
+    assert d2.shape == (40, 300)
+    torch.testing.assert_close(d2.double(), expected, rtol=1e-4, atol=1e-3)
+    # precomputed bank norms give the same result, and distances are never negative
+    torch.testing.assert_close(squared_distances(queries, bank, bank.pow(2).sum(1)), d2)
+    assert float(squared_distances(bank[:5], bank[:5]).min()) >= 0.0
+
+
+@pytest.mark.parametrize(("k", "chunk"), [(1, 64), (5, 64), (5, 3), (1, 1000)])
+def test_knn_torch_matches_cdist_with_chunks(bank_and_queries, k: int, chunk: int) -> None:
+    bank, queries = bank_and_queries
+    dist, index = knn_torch(queries, bank, k=k, chunk=chunk)
+    ref_d, ref_i = _reference(queries, bank, k)
+    assert dist.shape == (40, k) and index.shape == (40, k) and index.dtype == torch.int64
+    torch.testing.assert_close(index, ref_i)
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-4, atol=1e-3)
+    assert bool((dist[:, 1:] >= dist[:, :-1]).all())  # ascending
+
+
+def test_knn_torch_self_query_finds_itself(bank_and_queries) -> None:
+    bank, _ = bank_and_queries
+    dist, index = knn_torch(bank[:17], bank, k=1, chunk=50)
+    torch.testing.assert_close(index[:, 0], torch.arange(17))
+    assert float(dist.max()) < 0.05  # float32 cancellation in |q|^2 - 2 q.b + |b|^2, distances here are ~20
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_faiss_matches_knn_torch(bank_and_queries, k: int) -> None:
+    bank, queries = bank_and_queries
+    searcher = FaissSearcher(bank)
+    assert searcher.size == 300
+    dist, index = searcher.search(queries, k)
+    ref_d, ref_i = knn_torch(queries, bank, k=k, chunk=128)
+    assert index.dtype == torch.int64
+    torch.testing.assert_close(index, ref_i)
+    torch.testing.assert_close(dist, ref_d, rtol=1e-4, atol=1e-3)
+
+
+def test_faiss_k_larger_than_bank_is_capped() -> None:
+    bank = torch.randn(3, 4)
+    dist, index = FaissSearcher(bank).search(torch.randn(2, 4), k=9)
+    assert dist.shape == (2, 3)
+    assert sorted(index[0].tolist()) == [0, 1, 2]

@@ -1,0 +1,128 @@
+"""End to end: `aoi run` on a folder with good and broken files, and `aoi predict` with the PredictionWriter."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from aoi_lightning.runs.jsonio import read_json, read_jsonl
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_mvtec_root: Path) -> Path:
+    """Two good and two defective images (two share a file name in different subfolders), a text file named
+    .png, a zero-byte .png and a file that is not an image by extension."""
+    src = tiny_mvtec_root / "synthetic" / "test"
+    folder = tmp_path_factory.mktemp("inputs")
+    defect = sorted(p for p in src.iterdir() if p.name != "good")[0]
+    (folder / "lot 1").mkdir()
+    (folder / "lot_ü").mkdir()
+    shutil.copy(src / "good" / "000.png", folder / "lot 1" / "000.png")
+    shutil.copy(src / "good" / "001.png", folder / "lot_ü" / "000.png")
+    shutil.copy(sorted(defect.glob("*.png"))[0], folder / "d0.png")
+    shutil.copy(sorted(defect.glob("*.png"))[1], folder / "d1.png")
+    (folder / "notes.png").write_text("not an image")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "readme.txt").write_text("ignored")
+    return folder
+
+
+def test_run_writes_one_line_per_file(aoi_cli, patchcore_run: Path, inputs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = aoi_cli(["run", "--model_dir", patchcore_run, "--input_dir", inputs, "--output_dir", out, "--recursive",
+                    "--batch_size", "3", "--device", "cpu", "--num_workers", "2", "--no_progress"])  # fmt: skip
+    assert code == 0
+    records = read_jsonl(out / "preds.jsonl")
+    assert len(records) == 6
+    by_name = {Path(r["image_path"]).relative_to(inputs.resolve()).as_posix(): r for r in records}
+    assert sorted(by_name) == ["d0.png", "d1.png", "empty.png", "lot 1/000.png", "lot_ü/000.png", "notes.png"]
+    assert set(by_name["notes.png"]) == {"image_path", "error"} and set(by_name["empty.png"]) == {"image_path", "error"}
+    good = [r for r in records if "error" not in r]
+    assert len({r["mask_path"] for r in good}) == 4 and len({r["overlay_path"] for r in good}) == 4
+    for rec in good:
+        assert rec["model"] == "patchcore" and rec["category"] == "synthetic" and rec["model_input_size"] == [64, 64]
+        mask = cv2.imdecode(np.fromfile(str(out / rec["mask_path"]), np.uint8), cv2.IMREAD_UNCHANGED)
+        assert list(mask.shape) == rec["image_size"] and set(np.unique(mask).tolist()) <= {0, 255}
+        assert (out / rec["overlay_path"]).is_file()
+        assert rec["label"] == ("NG" if rec["pred_score"] >= rec["image_threshold"] else "OK")
+    report = read_json(out / "report.json")
+    assert report["num_images"] == 4 and report["num_errors"] == 2
+    assert report["num_ng"] == sum(r["is_anomaly"] for r in good) and report["num_ok"] == 4 - report["num_ng"]
+    assert report["run_id"] == patchcore_run.name
+    assert report["defect_stats"]["total_defects"] == sum(r["num_defects"] for r in good)
+
+
+def test_run_options_and_empty_folder(aoi_cli, patchcore_run: Path, inputs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "flat"
+    flags = ["--no_save_masks", "--no_save_overlays", "--pixel_threshold_mult", "0.5", "--no_progress"]
+    code = aoi_cli(["run", "--model_dir", patchcore_run, "--input_dir", inputs, "--output_dir", out, *flags])
+    assert code == 0
+    records = read_jsonl(out / "preds.jsonl")
+    assert len(records) == 4  # no --recursive: the subfolders are skipped
+    assert not any("mask_path" in r or "overlay_path" in r for r in records)
+    assert all(
+        r["effective_pixel_threshold"] == pytest.approx(0.5 * r["pixel_threshold"]) for r in records if "error" not in r
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert aoi_cli(["run", "--model_dir", patchcore_run, "--input_dir", empty, "--output_dir", tmp_path / "o2"]) == 0
+    report = read_json(tmp_path / "o2" / "report.json")
+    assert report["num_images"] == 0 and report["defect_stats"] is None and "score_stats" not in report
+    assert (tmp_path / "o2" / "preds.jsonl").read_text() == ""
+
+
+def test_run_missing_folders_exit_2(aoi_cli, patchcore_run: Path, inputs: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "o"
+    assert aoi_cli(["run", "--model_dir", tmp_path / "nope", "--input_dir", inputs, "--output_dir", out]) == 2
+    assert aoi_cli(["run", "--model_dir", patchcore_run, "--input_dir", tmp_path / "nope", "--output_dir", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("aoi run: error: --input_dir") and "Traceback" not in "".join(err)
+
+
+def _predict_argv(run: Path, *extra) -> list:
+    # no logger: the run's config names the fit's CSV log folder, which predict must not touch
+    return ["predict", "--config", run / "config.yaml", "--ckpt_path", run / "weights" / "model.ckpt",
+            "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", *extra]  # fmt: skip
+
+
+def test_predict_writes_run_predictions_like_run(aoi_cli, patchcore_run: Path, tiny_mvtec_root: Path, tmp_path: Path):
+    code = aoi_cli(_predict_argv(patchcore_run))
+    assert code == 0
+    pred_dir = patchcore_run / "predictions"
+    records = read_jsonl(pred_dir / "preds.jsonl")
+    test_dir = tiny_mvtec_root / "synthetic" / "test"
+    expected = sorted(p.relative_to(test_dir).as_posix() for p in test_dir.rglob("*.png"))
+    assert [Path(r["image_path"]).relative_to(test_dir).as_posix() for r in records] == expected  # dataset order
+    assert not list(pred_dir.glob("preds.rank*.jsonl"))
+    assert all((pred_dir / r["mask_path"]).is_file() and (pred_dir / r["overlay_path"]).is_file() for r in records)
+    assert {r["gt_label"] for r in records} == {0, 1}
+    report = read_json(pred_dir / "report.json")
+    assert report["num_images"] == len(records) and report["run_id"] == patchcore_run.name
+    assert report["num_ng"] == sum(r["is_anomaly"] for r in records)
+
+    # the runner gives the same scores on the same files
+    out = tmp_path / "run"
+    assert aoi_cli(["run", "--model_dir", patchcore_run, "--input_dir", test_dir, "--output_dir", out, "--recursive",
+                    "--no_save_overlays", "--no_progress", "--device", "cpu"]) == 0  # fmt: skip
+    scores = {
+        Path(r["image_path"]).relative_to(test_dir.resolve()): r["pred_score"] for r in read_jsonl(out / "preds.jsonl")
+    }
+    assert len(scores) == len(records)
+    for rec in records:
+        assert scores[Path(rec["image_path"]).relative_to(test_dir)] == pytest.approx(rec["pred_score"], rel=1e-4)
+
+
+def test_predict_on_an_empty_folder_writes_a_zero_report(aoi_cli, patchcore_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "copy_of_run"
+    shutil.copytree(patchcore_run, run, ignore=shutil.ignore_patterns("predictions", "logs"))
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    code = aoi_cli(_predict_argv(run, "--data.predict_dir", empty))
+    assert code == 0
+    report = read_json(run / "predictions" / "report.json")  # the run of the checkpoint, not the original
+    assert report["num_images"] == 0 and report["defect_stats"] is None and report["run_id"] == "copy_of_run"
+    assert (run / "predictions" / "preds.jsonl").read_text() == ""
