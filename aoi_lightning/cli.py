@@ -1,33 +1,16 @@
-"""The `aoi` command: LightningCLI for fit/validate/test/predict, plus the inspection commands."""
+"""The `aoi` command: LightningCLI for fit/validate/test/predict, plus the inspection commands.
+
+Only the standard library is imported at module level, so that `aoi run --backend onnx` works in an
+environment without torch and Lightning.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
-import time
 import warnings
-from pathlib import Path
-
-from jsonargparse import Namespace
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-
-from aoi_lightning.data.datamodule import MVTecDataModule
-from aoi_lightning.models.lightning_base import AnomalyModule
-from aoi_lightning.runs.artifacts import write_eval_outputs, write_fit_outputs
-from aoi_lightning.runs.jsonio import write_text_atomic
-from aoi_lightning.runs.layout import RunDir, new_run_id
-
-log = logging.getLogger("aoi_lightning")
-
-TRAINER_DEFAULTS = {
-    "max_epochs": 1,
-    "num_sanity_val_steps": 0,
-    "enable_checkpointing": False,
-    "enable_model_summary": False,
-    "devices": 1,
-}
 
 #: Commands handled outside LightningCLI: name -> (module, one-line description).
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
@@ -43,96 +26,9 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class RunConfigSaver(SaveConfigCallback):
-    """Writes the fully resolved config of a fit to `<run>/config.yaml` (atomically, rank zero)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs["save_to_log_dir"] = False
-        super().__init__(*args, **kwargs)
-
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        text = self.parser.dump(self.config, skip_none=False)
-        write_text_atomic(Path(trainer.default_root_dir) / "config.yaml", text)
-
-
-def _is_run_logger(logger) -> bool:
-    """True for the CSV logger this CLI puts into every run (as saved in a run's config.yaml)."""
-    if not isinstance(logger, (Namespace, dict)):
-        return False
-    init = logger.get("init_args") or {}
-    return str(logger.get("class_path", "")).endswith("CSVLogger") and init.get("name") == "logs"
-
-
-class AoiCLI(LightningCLI):
-    """LightningCLI with a run directory per fit: `<runs_root>/<model>/<category>/<run_id>/`."""
-
-    def __init__(self, args=None, run: bool = True) -> None:
-        self.run_dir: RunDir | None = None
-        self._timings: dict[str, float] = {}
-        super().__init__(
-            model_class=AnomalyModule,
-            subclass_mode_model=True,
-            datamodule_class=MVTecDataModule,
-            save_config_callback=RunConfigSaver,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults=TRAINER_DEFAULTS,
-            seed_everything_default=0,
-            auto_configure_optimizers=False,
-            args=args,
-            run=run,
-        )
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument(
-            "--run_id", type=str | None, default=None, help="Run folder name (default: a UTC timestamp)."
-        )
-        parser.add_argument("--runs_root", type=str, default="runs", help="Folder that holds the run directories.")
-
-    def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
-        model_name = str(cfg.model.class_path).rsplit(".", 1)[-1].lower()
-        ckpt = cfg.get("ckpt_path")
-        run_id = cfg.get("run_id") or new_run_id()
-        cfg.run_id = run_id
-        run = RunDir.from_checkpoint(ckpt) if ckpt and self.subcommand != "fit" else None
-        if run is None:
-            run = RunDir.create(cfg.runs_root, model_name, cfg.data.category, run_id)
-        self.run_dir = run
-        cfg.trainer.default_root_dir = str(run.path)
-        if cfg.trainer.get("logger") in (None, True) or _is_run_logger(cfg.trainer.get("logger")):
-            # a fresh log folder per command, so that a later test/predict never overwrites the fit's logs
-            cfg.trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.CSVLogger",
-                init_args=Namespace(save_dir=str(run.path), name="logs", version=f"{self.subcommand}-{run_id}"),
-            )
-
-    def before_fit(self) -> None:
-        self._timings["fit_start"] = time.perf_counter()
-        log.info("run directory: %s", self.run_dir.path)
-
-    def after_fit(self) -> None:
-        if self.trainer.interrupted:
-            return
-        self._timings["fit_s"] = time.perf_counter() - self._timings.pop("fit_start")
-        write_fit_outputs(self.trainer, self.model, self.datamodule, self.run_dir, self.config, self._timings)
-
-    def after_validate(self) -> None:
-        write_eval_outputs(self.trainer, self.model, self.run_dir, "validate")
-
-    def after_test(self) -> None:
-        write_eval_outputs(self.trainer, self.model, self.run_dir, "test")
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from aoi_lightning.data.image_io import ImageReadError
-    from aoi_lightning.data.mvtec import DataError
-    from aoi_lightning.models.components.base import NotFittedError
-    from aoi_lightning.models.components.feature_extractor import LayerError
-    from aoi_lightning.models.components.weights import WeightsError
-
-    return (DataError, LayerError, WeightsError, NotFittedError, ImageReadError, FileNotFoundError, ValueError)
+def _is_user_error(exc: BaseException) -> bool:
+    """Errors that describe a mistake in the input (config, data, files), as opposed to a bug."""
+    return isinstance(exc, (ValueError, FileNotFoundError)) or type(exc).__module__.startswith("aoi_lightning")
 
 
 def _user_message(exc: BaseException) -> str:
@@ -197,17 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0]
     try:
         if command in EXTRA_COMMANDS:
-            import importlib
-
             module = importlib.import_module(EXTRA_COMMANDS[command][0])
             return int(module.main(argv[1:]) or 0)
+        from aoi_lightning.lightning_cli import AoiCLI
+
         AoiCLI(args=argv)
         return 0
     except KeyboardInterrupt:
         print("aoi: interrupted", file=sys.stderr)
         return 130
-    except _user_errors() as exc:
-        if debug or os.environ.get("AOI_DEBUG"):
+    except Exception as exc:  # noqa: BLE001 - user mistakes become one line, anything else propagates
+        if not _is_user_error(exc) or debug or os.environ.get("AOI_DEBUG"):
             raise
         print(f"aoi {command}: error: {_user_message(exc)}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ RUN_FILES = {
     "preds_test.jsonl",
     "metrics.json",
     "thresholds.json",
+    "report.html",
     "logs",
 }
 TEST_KEYS = {

@@ -84,7 +84,7 @@ class MVTecDataModule(pl.LightningDataModule):
             from aoi_lightning.data.synthetic import ensure_synthetic
 
             return Path(ensure_synthetic(category=self.category))
-        return Path(self.root).expanduser()
+        return Path(self.root).expanduser().resolve()
 
     def prepare_data(self) -> None:
         _ = self.data_root  # generates the synthetic set once, on rank zero

@@ -22,6 +22,14 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files of a folder in sorted order (hidden files skipped)."""
+    pattern = "**/*" if recursive else "*"
+    return sorted(
+        p for p in Path(folder).glob(pattern) if p.is_file() and is_image_file(p) and not p.name.startswith(".")
+    )
+
+
 def _header_size(data: np.ndarray) -> tuple[int, int] | None:
     """(height, width) from PNG/JPEG headers without decoding pixels; None when unknown."""
     raw = data.tobytes()[:65536]

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from aoi_lightning.data.image_io import (
+from aoi_lightning.data.image_io import (  # noqa: F401 - list_images is part of this module's API
     ImageReadError,
     is_image_file,
+    list_images,
     read_image,
     read_mask,
     resize_image,
@@ -38,12 +39,6 @@ class Sample:
     defect_type: str
     mask_path: str | None
     split: str
-
-
-def list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files of a folder in sorted order (hidden files skipped)."""
-    pattern = "**/*" if recursive else "*"
-    return sorted(p for p in folder.glob(pattern) if p.is_file() and is_image_file(p) and not p.name.startswith("."))
 
 
 def find_mask(gt_dir: Path, stem: str, mask_suffix: str) -> Path | None:

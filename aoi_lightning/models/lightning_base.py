@@ -35,6 +35,8 @@ class AnomalyModule(pl.LightningModule):
         self.timings: dict[str, float] = {}
         self.split_policy = "test_half"
         self._fit_images = 0
+        #: Errors that callbacks report at the end of fit; the CLI raises them once the run's files are written.
+        self.deferred_errors: list[Exception] | None = None
 
     # -- fit ------------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> None:

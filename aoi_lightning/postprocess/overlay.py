@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from aoi_lightning.runs.jsonio import write_bytes_atomic
 
 OK_COLOR = (0, 200, 0)  # BGR
 NG_COLOR = (0, 0, 255)
@@ -22,16 +22,7 @@ def write_png(path: str | Path, image: np.ndarray) -> Path:
     ok, data = cv2.imencode(".png", image)
     if not ok:
         raise ValueError(f"cannot encode PNG for {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:40]}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, data.tobytes(), durable=False)
 
 
 def save_mask_png(mask: np.ndarray, original_size: tuple[int, int], path: str | Path) -> Path:

@@ -6,9 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from aoi_lightning.data.mvtec import list_images
+from aoi_lightning.data.image_io import list_images
 from aoi_lightning.postprocess.outputs import PREDS_FILE, REPORT_FILE, OutputOptions
-from aoi_lightning.runner.inference import TorchPredictor, resolve_device, run_folder
+from aoi_lightning.runner.inference import run_folder
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="where the model runs (default auto: cuda when available)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="torch: weights/model.ckpt; onnx: export/model.onnx with ONNX Runtime only (no torch needed)",
+    )
     parser.add_argument("--num_workers", type=int, default=0, help="image decoding threads (default 0: main thread)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _predictor(backend: str, model_dir: str, device: str):
+    """The model behind `--backend`; the onnx one never imports torch."""
+    if backend == "onnx":
+        from aoi_lightning.deploy.onnx_predictor import OnnxPredictor
+
+        return OnnxPredictor.from_run(model_dir, device)
+    from aoi_lightning.runner.inference import TorchPredictor, resolve_device
+
+    return TorchPredictor.from_run(model_dir, resolve_device(device))
 
 
 def collect_images(input_dir: Path, output_dir: Path, recursive: bool) -> list[Path]:
@@ -82,7 +99,7 @@ def main(argv: list[str]) -> int:
         )
     except ValueError as exc:
         raise RunnerError(f"--{exc}") from exc
-    predictor = TorchPredictor.from_run(args.model_dir, resolve_device(args.device))
+    predictor = _predictor(args.backend, args.model_dir, args.device)
     input_root = input_dir.resolve()
     paths = collect_images(input_root, output_dir, args.recursive)
     if not paths:

@@ -9,6 +9,9 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def _default(obj):
     if hasattr(obj, "item"):
@@ -35,21 +38,32 @@ def dumps(obj, indent: int | None = None) -> str:
     return json.dumps(_finite(obj), indent=indent, default=_default, ensure_ascii=False)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write text to `path` atomically (readers see the old file or the new one, never half of it)."""
+def write_bytes_atomic(path: str | Path, data: bytes, durable: bool = True) -> Path:
+    """Write bytes to `path` atomically: readers see the old file or the new one, never half of it.
+
+    Args:
+        durable: fsync before the rename (survives a power cut; costs a disk flush).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write UTF-8 text to `path` atomically (see `write_bytes_atomic`)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json(path: str | Path, obj) -> Path:

@@ -1,0 +1,111 @@
+"""`aoi check-data --root R --category C`: data set check, `data_check.json` and `preview.png`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from aoi_lightning.data.check import GroupEntry, check_category, summary_lines
+from aoi_lightning.data.image_io import ImageReadError, read_image, read_mask
+from aoi_lightning.postprocess.overlay import write_png
+from aoi_lightning.runs.jsonio import write_json
+
+MASK_COLOR = (0, 0, 255)  # BGR red
+LABEL_WIDTH = 170
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aoi check-data",
+        description="Check an MVTec AD style category: counts per split and defect type, image sizes and modes, "
+        "missing and orphan masks, unreadable files (listed, not fatal). Writes data_check.json and preview.png "
+        "(samples of each split/defect type, masks outlined in red) into --output_dir.",
+    )
+    parser.add_argument("--root", required=True, help="Data root holding <category>/train, test, ground_truth.")
+    parser.add_argument("--category", required=True, help="Category folder under --root.")
+    parser.add_argument("--mask_suffix", default="_mask", help="Suffix of mask file stems (default %(default)s).")
+    parser.add_argument("--output_dir", default=".", help="Folder for data_check.json and preview.png (default: here).")
+    parser.add_argument(
+        "--samples", type=int, default=6, help="Samples per split/defect type in the preview (default 6)."
+    )
+    parser.add_argument("--tile_size", type=int, default=160, help="Preview tile size in pixels (default 160).")
+    parser.add_argument("--strict", action="store_true", help="Exit with code 1 when problems are found.")
+    return parser
+
+
+def _tile(image_path: Path, mask_path: Path | None, size: int) -> np.ndarray:
+    """(size, size, 3) BGR tile: the image letterboxed, its mask outlined; grey with a note when unreadable."""
+    tile = np.full((size, size, 3), 60, np.uint8)
+    try:
+        rgb = read_image(image_path)
+    except ImageReadError:
+        cv2.putText(tile, "unreadable", (8, size // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+        return tile
+    h, w = rgb.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), (nw, nh), interpolation=cv2.INTER_AREA)
+    if mask_path is not None:
+        try:
+            mask = cv2.resize(read_mask(mask_path), (nw, nh), interpolation=cv2.INTER_NEAREST)
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(small, contours, -1, MASK_COLOR, 2, cv2.LINE_AA)
+        except ImageReadError:
+            cv2.putText(small, "bad mask", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, MASK_COLOR, 1, cv2.LINE_AA)
+    y, x = (size - nh) // 2, (size - nw) // 2
+    tile[y : y + nh, x : x + nw] = small
+    return tile
+
+
+def evenly(items: list, k: int) -> list:
+    """`k` items spread evenly over the list (all of them when there are at most `k`)."""
+    if len(items) <= k:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / max(k - 1, 1))] for i in range(k)]
+
+
+def render_preview(groups: list[GroupEntry], title: str, samples: int = 6, tile: int = 160) -> np.ndarray:
+    """Grid (BGR uint8): one row per split/defect type with its name and count, `samples` tiles a row."""
+    gap = 4
+    width = LABEL_WIDTH + samples * (tile + gap)
+    rows = [np.full((36, width, 3), 255, np.uint8)]
+    cv2.putText(rows[0], title, (8, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    for group in groups:
+        row = np.full((tile + gap, width, 3), 255, np.uint8)
+        cv2.putText(row, group.name, (6, tile // 2 - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(
+            row,
+            f"{len(group.images)} images",
+            (6, tile // 2 + 16),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.45,
+            (90, 90, 90),
+            1,
+            cv2.LINE_AA,
+        )
+        for i, facts in enumerate(evenly(group.images, samples)):
+            x = LABEL_WIDTH + i * (tile + gap)
+            row[:tile, x : x + tile] = _tile(facts.path, group.masks.get(str(facts.path)), tile)
+        rows.append(row)
+    return np.vstack(rows)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.samples < 1 or args.tile_size < 32:
+        raise ValueError("--samples must be >= 1 and --tile_size >= 32")
+    report, groups = check_category(args.root, args.category, args.mask_suffix)
+    out = Path(args.output_dir).expanduser()
+    title = f"{args.category}: samples per split/defect type (masks outlined in red)"
+    preview = write_png(out / "preview.png", render_preview(groups, title, args.samples, args.tile_size))
+    report["preview"] = str(preview)
+    write_json(out / "data_check.json", report)
+    print("\n".join(summary_lines(report)))
+    print(f"wrote {out / 'data_check.json'} and {preview}")
+    if report["num_problems"]:
+        print(f"aoi check-data: {report['num_problems']} problem(s) found", file=sys.stderr)
+    return 1 if args.strict and report["num_problems"] else 0

@@ -1,0 +1,94 @@
+"""Inference from the ONNX export alone: numpy, OpenCV and onnxruntime; torch is never imported.
+
+A run directory (or a copy of just its `export/` folder) is enough for the line PC.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from aoi_lightning.postprocess.outputs import ModelFacts
+
+EXPORT_DIR = "export"
+ONNX_FILE = "model.onnx"
+META_FILE = "export_meta.json"
+
+
+class OnnxRunError(ValueError):
+    """An export that is missing or does not match its metadata; one line for the user."""
+
+
+def _export_dir(model_dir: Path) -> Path:
+    if (model_dir / ONNX_FILE).is_file():
+        return model_dir
+    return model_dir / EXPORT_DIR
+
+
+class OnnxPredictor:
+    """The `Predictor` of the AOI runner over ONNX Runtime."""
+
+    def __init__(self, session, facts: ModelFacts, run_id: str) -> None:
+        self.session = session
+        self.facts = facts
+        self.run_id = run_id
+        self.input_name = session.get_inputs()[0].name
+
+    @classmethod
+    def from_run(cls, model_dir: str | Path, device: str = "cpu", threads: int = 0) -> OnnxPredictor:
+        """Open `<run>/export/model.onnx` (or a folder holding model.onnx and export_meta.json).
+
+        Raises:
+            OnnxRunError: missing export or metadata, an input size that differs from the metadata, no thresholds.
+        """
+        import onnxruntime as ort
+
+        model_dir = Path(model_dir).expanduser()
+        if not model_dir.is_dir():
+            raise OnnxRunError(f"--model_dir: folder not found: {model_dir}")
+        folder = _export_dir(model_dir)
+        onnx_path, meta_path = folder / ONNX_FILE, folder / META_FILE
+        if not onnx_path.is_file():
+            raise OnnxRunError(f"no ONNX export in {model_dir}: create it with `aoi export --run_dir {model_dir}`")
+        if not meta_path.is_file():
+            raise OnnxRunError(f"{meta_path} is missing: re-export with `aoi export --run_dir {model_dir}`")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
+            thresholds = meta.get("thresholds") or {}
+            image_t, pixel_t = float(thresholds["image_threshold"]), float(thresholds["pixel_threshold"])
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise OnnxRunError(f"{meta_path} is not a valid export_meta.json ({type(exc).__name__}: {exc})") from exc
+        options = ort.SessionOptions()
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        elif device == "cuda":
+            raise OnnxRunError("--device cuda: onnxruntime has no CUDA provider here (use --device cpu)")
+        try:
+            session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise OnnxRunError(f"cannot load {onnx_path}: {str(exc).splitlines()[0]}") from exc
+        shape = session.get_inputs()[0].shape
+        if len(shape) != 4 or [shape[2], shape[3]] != list(size):
+            raise OnnxRunError(f"{onnx_path} takes input {shape}, but {meta_path} says image_size {list(size)}")
+        facts = ModelFacts(
+            model=str(meta.get("model", "")),
+            category=str(meta.get("category", "")),
+            input_size=size,
+            image_threshold=image_t,
+            pixel_threshold=pixel_t,
+            thresholds={k: thresholds.get(k) for k in ("quantile_image", "quantile_pixel")},
+        )
+        return cls(session, facts, str(meta.get("run_id", model_dir.name)))
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images (B, 3, H, W) float32 in [0, 1] -> scores (B,) and maps (B, H, W)."""
+        scores, maps = self.session.run(
+            ["pred_score", "anomaly_map"], {self.input_name: np.ascontiguousarray(images, np.float32)}
+        )
+        return np.asarray(scores, np.float32).reshape(-1), np.asarray(maps, np.float32)[:, 0]

@@ -1,0 +1,69 @@
+"""`aoi export --run_dir RUN`: ONNX export of a trained run into `RUN/export/`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+from aoi_lightning.export.onnx_export import DEFAULT_OPSET, ExportError, export_module
+from aoi_lightning.runs.jsonio import read_json
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aoi export",
+        description="Export a trained run to ONNX: RUN/export/model.onnx (input `image` (B, 3, H, W) RGB in [0, 1], "
+        "normalisation inside; outputs pred_score (B) and anomaly_map (B, 1, H, W)) and RUN/export/export_meta.json "
+        "(thresholds, input size, versions, sha256).",
+    )
+    parser.add_argument("--run_dir", required=True, help="Run directory written by `aoi fit` (weights/model.ckpt).")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version (default %(default)s).")
+    return parser
+
+
+def run_threshold_info(module, run_path: Path) -> dict:
+    """Threshold facts of a run: from the checkpoint, else thresholds.json; both must agree with the model."""
+    info = dict(getattr(module, "threshold_info", None) or {})
+    file = run_path / "thresholds.json"
+    if file.is_file():
+        try:
+            on_disk = read_json(file)
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot read {file}: {exc}") from exc
+        for key in ("image_threshold", "pixel_threshold"):
+            model_value = float(getattr(module.model, key))
+            value = on_disk.get(key)
+            if value is not None and math.isfinite(model_value) and not math.isclose(
+                float(value), model_value, rel_tol=1e-5, abs_tol=1e-7
+            ):
+                raise ExportError(
+                    f"{file}: {key} {value} does not match the checkpoint's {model_value:.8g}; "
+                    "the thresholds file and weights/model.ckpt come from different fits"
+                )
+        info = info or on_disk
+    return info
+
+
+def export_run(run_dir: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Export `run_dir` to `run_dir/export/model.onnx`; returns its path."""
+    from aoi_lightning.runs.loading import load_run_model
+
+    module, info = load_run_model(run_dir, "cpu", require_thresholds=False)
+    if not module.model.has_thresholds:
+        log.warning("%s has no tuned thresholds: the export records them as null", info.run.path)
+    module.threshold_info = run_threshold_info(module, info.run.path)
+    extra = {"category": info.category, "run_id": info.run.path.name}
+    return export_module(module, info.image_size, info.run.export, extra=extra, opset=opset)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.opset < 13:
+        raise ExportError(f"--opset must be >= 13, got {args.opset}")
+    path = export_run(args.run_dir, args.opset)
+    print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB) and {path.with_name('export_meta.json').name}")
+    return 0

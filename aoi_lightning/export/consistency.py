@@ -1,0 +1,226 @@
+"""ONNX Runtime vs torch on real images: score and map errors, mask IoU at the pixel threshold, PASSED/FAILED."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from aoi_lightning.export.onnx_export import sha256_file
+from aoi_lightning.models.components.base import AnomalyTorchModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SCORE_TOL = 1e-3
+DEFAULT_MAP_TOL = 1e-3
+DEFAULT_IOU_TOL = 0.99
+
+
+class ConsistencyError(ValueError):
+    """A consistency check that cannot run (no images, unreadable ONNX file, size mismatch)."""
+
+
+class ConsistencyFailed(ValueError):
+    """The ONNX graph does not reproduce the torch model within the tolerances (a one-line message for `aoi`)."""
+
+
+def ort_session(onnx_path: str | Path, device: str = "cpu", threads: int | None = None):
+    """ONNX Runtime session on CPU, or CUDA when requested and offered by the installed onnxruntime.
+
+    Returns:
+        (session, providers actually used, note: "" or why CUDA was not used).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    note = ""
+    providers = ["CPUExecutionProvider"]
+    if str(device).startswith("cuda"):
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            note = "CUDAExecutionProvider not available in this onnxruntime: ran on CPU"
+            log.warning(note)
+    try:
+        session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConsistencyError(f"onnxruntime cannot load {onnx_path}: {first}") from exc
+    return session, session.get_providers(), note
+
+
+def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        for start in range(0, images.shape[0], batch_size):
+            yield images[start : start + batch_size]
+    else:
+        yield from images
+
+
+def check_consistency(
+    torch_model: AnomalyTorchModel,
+    onnx_path: str | Path,
+    images: torch.Tensor | Iterable[torch.Tensor],
+    pixel_threshold: float,
+    score_mae: float = DEFAULT_SCORE_TOL,
+    map_mae: float = DEFAULT_MAP_TOL,
+    mask_iou: float = DEFAULT_IOU_TOL,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> dict:
+    """Compare ONNX Runtime with the torch model image by image.
+
+    Args:
+        torch_model: the fitted model, run where it lives (its inference settings, e.g. faiss search).
+        onnx_path: exported graph.
+        images: (N, 3, H, W) float in [0, 1], or an iterable of such batches.
+        pixel_threshold: pixel threshold for the masks (NaN: IoU not checked).
+        score_mae, map_mae: largest allowed mean absolute errors; mask_iou: smallest allowed IoU.
+        batch_size: batch size when `images` is one tensor.
+        device: `cpu` or `cuda` for ONNX Runtime's execution provider.
+
+    Returns:
+        The `consistency.json` record: errors, IoU, counts, providers, tolerances, status and reasons.
+    """
+    session, providers, note = ort_session(onnx_path, device)
+    input_name = session.get_inputs()[0].name
+    output_names = [o.name for o in session.get_outputs()]
+    param = next(iter(torch_model.buffers()))
+    threshold = float(pixel_threshold)
+    check_iou = math.isfinite(threshold)
+    n = 0
+    score_abs = map_abs = 0.0
+    score_max = map_max = 0.0
+    map_count = inter = union = torch_pixels = onnx_pixels = 0
+    torch_s = onnx_s = 0.0
+    torch_model.eval()
+    for batch in _batches(images, batch_size):
+        if batch.numel() == 0:
+            continue
+        batch = batch.float()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            ref = torch_model(batch.to(param.device))
+        ref_score = ref.pred_score.float().cpu().numpy().reshape(-1)
+        ref_map = ref.anomaly_map.float().cpu().numpy()
+        torch_s += time.perf_counter() - start
+        start = time.perf_counter()
+        raw = session.run(None, {input_name: batch.cpu().numpy().astype(np.float32)})
+        outs = dict(zip(output_names, raw, strict=True))
+        onnx_s += time.perf_counter() - start
+        got_score = np.asarray(outs["pred_score"], dtype=np.float32).reshape(-1)
+        got_map = np.asarray(outs["anomaly_map"], dtype=np.float32)
+        if got_map.shape != ref_map.shape or got_score.shape != ref_score.shape:
+            raise ConsistencyError(
+                f"ONNX output shapes {got_score.shape}, {got_map.shape} differ from torch's "
+                f"{ref_score.shape}, {ref_map.shape}"
+            )
+        d_score = np.abs(got_score.astype(np.float64) - ref_score)
+        d_map = np.abs(got_map.astype(np.float64) - ref_map)
+        score_abs += float(d_score.sum())
+        map_abs += float(d_map.sum())
+        score_max = max(score_max, float(d_score.max()))
+        map_max = max(map_max, float(d_map.max()))
+        map_count += d_map.size
+        n += batch.shape[0]
+        if check_iou:
+            a, b = ref_map >= threshold, got_map >= threshold
+            inter += int(np.logical_and(a, b).sum())
+            union += int(np.logical_or(a, b).sum())
+            torch_pixels += int(a.sum())
+            onnx_pixels += int(b.sum())
+    if n == 0:
+        raise ConsistencyError("no images to compare: the test set is empty or every image failed to load")
+    result = {
+        "status": "PASSED",
+        "reasons": [],
+        "num_images": n,
+        "score_mae": score_abs / n,
+        "score_max_abs_error": score_max,
+        "map_mae": map_abs / map_count,
+        "map_max_abs_error": map_max,
+        "mask_iou": (inter / union if union else 1.0) if check_iou else None,
+        "pixel_threshold": threshold if check_iou else None,
+        "mask_pixels_torch": torch_pixels,
+        "mask_pixels_onnx": onnx_pixels,
+        "tolerances": {"score_mae": score_mae, "map_mae": map_mae, "mask_iou": mask_iou},
+        "providers": providers,
+        "torch_device": str(param.device),
+        "torch_search": getattr(torch_model, "search", None),
+        "onnx_path": str(onnx_path),
+        "onnx_sha256": sha256_file(onnx_path),
+        "seconds": {"torch": round(torch_s, 3), "onnx": round(onnx_s, 3)},
+    }
+    if note:
+        result["note"] = note
+    reasons = result["reasons"]
+    # written as `not (x <= tol)` so that NaN fails
+    if not result["score_mae"] <= score_mae:
+        reasons.append(f"score MAE {result['score_mae']:.3g} > {score_mae:g}")
+    if not result["map_mae"] <= map_mae:
+        reasons.append(f"map MAE {result['map_mae']:.3g} > {map_mae:g}")
+    if check_iou and not result["mask_iou"] >= mask_iou:
+        reasons.append(f"mask IoU {result['mask_iou']:.4f} < {mask_iou:g}")
+    if not check_iou:
+        result["note"] = (note + "; " if note else "") + "no pixel threshold: mask IoU not checked"
+    if reasons:
+        result["status"] = "FAILED"
+    return result
+
+
+def summary_line(result: dict) -> str:
+    """One line for logs and the command output."""
+    iou = result.get("mask_iou")
+    iou_text = "n/a" if iou is None else f"{iou:.4f}"
+    text = (f"ONNX consistency {result['status']}: {result['num_images']} images, score MAE {result['score_mae']:.3g} "
+            f"(max {result['score_max_abs_error']:.3g}), map MAE {result['map_mae']:.3g} "
+            f"(max {result['map_max_abs_error']:.3g}), mask IoU {iou_text}")
+    if result.get("reasons"):
+        text += " [" + "; ".join(result["reasons"]) + "]"
+    return text
+
+
+def loader_images(loader: Iterable[dict], max_images: int | None = None) -> Iterator[torch.Tensor]:
+    """Readable images (B, 3, H, W) of a DataLoader of `AnomalyDataset` items, at most `max_images` in all."""
+    left = math.inf if max_images is None else int(max_images)
+    for batch in loader:
+        if left <= 0:
+            return
+        ok = torch.tensor([not e for e in batch["error"]], dtype=torch.bool)
+        for err in batch["error"]:
+            if err:
+                log.warning("consistency check skips an unreadable image: %s", err)
+        images = batch["image"][ok][: int(min(left, ok.sum()))]
+        left -= images.shape[0]
+        if images.shape[0]:
+            yield images
+
+
+def run_test_images(data_config: dict, image_size: tuple[int, int], max_images: int | None = None,
+                    batch_size: int = 8) -> Iterator[torch.Tensor]:
+    """The test images of a run's data config (`<root>/<category>/test`, the whole folder, or `max_images` of them
+    spread evenly over it), in batches (B, 3, H, W)."""
+    from aoi_lightning.data.mvtec import AnomalyDataset, scan_mvtec
+
+    root = data_config.get("root")
+    category = str(data_config.get("category", "synthetic"))
+    if root is None:
+        from aoi_lightning.data.synthetic import ensure_synthetic
+
+        root = ensure_synthetic(category=category)
+    _, test = scan_mvtec(root, category, str(data_config.get("mask_suffix", "_mask")))
+    if not test:
+        raise ConsistencyError(f"no test images under {Path(root) / category / 'test'}")
+    if max_images is not None and int(max_images) < len(test):  # evenly spread over the defect types
+        keep = sorted({round(i * (len(test) - 1) / max(int(max_images) - 1, 1)) for i in range(int(max_images))})
+        test = [test[i] for i in keep]
+    loader = DataLoader(AnomalyDataset(test, image_size), batch_size=batch_size, shuffle=False, num_workers=0)
+    return loader_images(loader, max_images)

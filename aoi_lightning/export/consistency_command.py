@@ -1,0 +1,111 @@
+"""`aoi consistency --run_dir RUN`: ONNX Runtime vs torch on the run's test images; exit 1 when FAILED."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+from aoi_lightning.export.consistency import (
+    DEFAULT_IOU_TOL,
+    DEFAULT_MAP_TOL,
+    DEFAULT_SCORE_TOL,
+    ConsistencyError,
+    check_consistency,
+    run_test_images,
+    summary_line,
+)
+from aoi_lightning.export.onnx_export import CONSISTENCY_FILE, MODEL_FILE, onnx_input_size, read_export_meta
+from aoi_lightning.runs.jsonio import write_json
+from aoi_lightning.runs.meta import utc_now
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aoi consistency",
+        description="Compare the ONNX export of a run (ONNX Runtime) with its torch model on the run's test images: "
+        "score MAE, map MAE and mask IoU at the pixel threshold. Writes RUN/export/consistency.json; "
+        "exit status 1 when the check FAILED.",
+    )
+    parser.add_argument("--run_dir", required=True, help="Run directory with export/model.onnx (see `aoi export`).")
+    add = parser.add_argument
+    add("--max_images", type=int, default=None, help="Test images to use, spread evenly (default: all).")
+    add("--score_tol", type=float, default=DEFAULT_SCORE_TOL, help="Largest image-score MAE (default %(default)g).")
+    add("--map_tol", type=float, default=DEFAULT_MAP_TOL, help="Largest anomaly-map MAE (default %(default)g).")
+    add("--iou_tol", type=float, default=DEFAULT_IOU_TOL, help="Smallest mask IoU (default %(default)g).")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="Device of the torch model and ONNX Runtime's provider (default cpu).")
+    parser.add_argument("--batch_size", type=int, default=8, help="Images per batch (default 8).")
+    return parser
+
+
+def _stale_thresholds(meta: dict, model) -> list[str]:
+    """Thresholds in export_meta.json that differ from the checkpoint's (an export of another fit)."""
+    out = []
+    for key in ("image_threshold", "pixel_threshold"):
+        want, got = float(getattr(model, key)), meta.get(key)
+        if math.isfinite(want) and (got is None or not math.isclose(float(got), want, rel_tol=1e-5, abs_tol=1e-7)):
+            out.append(f"export_meta.json {key} {got} differs from the checkpoint's {want:.8g}: re-run `aoi export`")
+    return out
+
+
+def consistency_run(run_dir: str | Path, max_images: int | None = None, score_tol: float = DEFAULT_SCORE_TOL,
+                    map_tol: float = DEFAULT_MAP_TOL, iou_tol: float = DEFAULT_IOU_TOL, device: str = "cpu",
+                    batch_size: int = 8) -> dict:
+    """Check the export of `run_dir` and write `export/consistency.json`; returns the record."""
+    from aoi_lightning.runs.loading import load_run_model, read_run_info
+
+    info = read_run_info(run_dir)
+    onnx_path = info.run.export / MODEL_FILE
+    if not onnx_path.is_file():
+        raise ConsistencyError(
+            f"{info.run.path} has no export/{MODEL_FILE}: run `aoi export --run_dir {info.run.path}` first"
+        )
+    meta = read_export_meta(info.run.export)
+    onnx_size = onnx_input_size(onnx_path)
+    meta_size = tuple(int(v) for v in meta.get("image_size") or ())
+    if onnx_size != meta_size:
+        raise ConsistencyError(
+            f"{onnx_path} takes {onnx_size[0]}x{onnx_size[1]} images but export_meta.json says {meta_size}: "
+            f"re-export with `aoi export --run_dir {info.run.path}`"
+        )
+    if onnx_size != tuple(info.image_size):
+        raise ConsistencyError(
+            f"{onnx_path} takes {onnx_size[0]}x{onnx_size[1]} images but the run was trained at "
+            f"{info.image_size[0]}x{info.image_size[1]}: re-export with `aoi export --run_dir {info.run.path}`"
+        )
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConsistencyError("--device cuda: no CUDA device is available to torch")
+    module, _ = load_run_model(run_dir, device, require_thresholds=False)
+    images = run_test_images(info.config.get("data") or {}, info.image_size, max_images, batch_size)
+    result = check_consistency(module.model, onnx_path, images, float(module.model.pixel_threshold),
+                               score_tol, map_tol, iou_tol, batch_size=batch_size, device=device)
+    stale = _stale_thresholds(meta, module.model)
+    if stale:
+        result["reasons"].extend(stale)
+        result["status"] = "FAILED"
+    if meta.get("sha256") and meta["sha256"] != result["onnx_sha256"]:
+        result["sha256_note"] = "model.onnx differs from the file export_meta.json describes (sha256 mismatch)"
+        log.warning("%s: %s", onnx_path, result["sha256_note"])
+    result.update({"model": info.model_name, "category": info.category, "run_id": info.run.path.name,
+                   "images": "test folder", "created_at": utc_now()})
+    write_json(info.run.export / CONSISTENCY_FILE, result)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_images is not None and args.max_images < 1:
+        raise ConsistencyError(f"--max_images must be >= 1, got {args.max_images}")
+    if args.batch_size < 1:
+        raise ConsistencyError(f"--batch_size must be >= 1, got {args.batch_size}")
+    result = consistency_run(args.run_dir, args.max_images, args.score_tol, args.map_tol, args.iou_tol, args.device,
+                             args.batch_size)
+    print(summary_line(result))
+    return 0 if result["status"] == "PASSED" else 1

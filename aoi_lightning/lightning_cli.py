@@ -1,0 +1,112 @@
+"""AoiCLI: LightningCLI with a run directory per fit (`aoi fit/validate/test/predict`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from jsonargparse import Namespace
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from aoi_lightning.data.datamodule import MVTecDataModule
+from aoi_lightning.models.lightning_base import AnomalyModule
+from aoi_lightning.runs.artifacts import write_eval_outputs, write_fit_outputs
+from aoi_lightning.runs.jsonio import write_text_atomic
+from aoi_lightning.runs.layout import RunDir, new_run_id
+
+log = logging.getLogger("aoi_lightning")
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 1,
+    "num_sanity_val_steps": 0,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "devices": 1,
+}
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Writes the fully resolved config of a fit to `<run>/config.yaml` (atomically, rank zero)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        text = self.parser.dump(self.config, skip_none=False)
+        write_text_atomic(Path(trainer.default_root_dir) / "config.yaml", text)
+
+
+def _is_run_logger(logger) -> bool:
+    """True for the CSV logger this CLI puts into every run (as saved in a run's config.yaml)."""
+    if not isinstance(logger, (Namespace, dict)):
+        return False
+    init = logger.get("init_args") or {}
+    return str(logger.get("class_path", "")).endswith("CSVLogger") and init.get("name") == "logs"
+
+
+class AoiCLI(LightningCLI):
+    """LightningCLI with a run directory per fit: `<runs_root>/<model>/<category>/<run_id>/`."""
+
+    def __init__(self, args=None, run: bool = True) -> None:
+        self.run_dir: RunDir | None = None
+        self._timings: dict[str, float] = {}
+        super().__init__(
+            model_class=AnomalyModule,
+            subclass_mode_model=True,
+            datamodule_class=MVTecDataModule,
+            save_config_callback=RunConfigSaver,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run_id", type=str | None, default=None, help="Run folder name (default: a UTC timestamp)."
+        )
+        parser.add_argument("--runs_root", type=str, default="runs", help="Folder that holds the run directories.")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        model_name = str(cfg.model.class_path).rsplit(".", 1)[-1].lower()
+        ckpt = cfg.get("ckpt_path")
+        run_id = cfg.get("run_id") or new_run_id()
+        cfg.run_id = run_id
+        run = RunDir.from_checkpoint(ckpt) if ckpt and self.subcommand != "fit" else None
+        if run is None:
+            run = RunDir.create(cfg.runs_root, model_name, cfg.data.category, run_id)
+        self.run_dir = run
+        cfg.trainer.default_root_dir = str(run.path)
+        if cfg.trainer.get("logger") in (None, True) or _is_run_logger(cfg.trainer.get("logger")):
+            # a fresh log folder per command, so that a later test/predict never overwrites the fit's logs
+            cfg.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.CSVLogger",
+                init_args=Namespace(save_dir=str(run.path), name="logs", version=f"{self.subcommand}-{run_id}"),
+            )
+
+    def before_fit(self) -> None:
+        self._timings["fit_start"] = time.perf_counter()
+        self.model.deferred_errors = []
+        log.info("run directory: %s", self.run_dir.path)
+
+    def after_fit(self) -> None:
+        if self.trainer.interrupted:
+            return
+        self._timings["fit_s"] = time.perf_counter() - self._timings.pop("fit_start")
+        write_fit_outputs(self.trainer, self.model, self.datamodule, self.run_dir, self.config, self._timings)
+        if self.model.deferred_errors:
+            raise self.model.deferred_errors[0]
+
+    def after_validate(self) -> None:
+        write_eval_outputs(self.trainer, self.model, self.run_dir, "validate")
+
+    def after_test(self) -> None:
+        write_eval_outputs(self.trainer, self.model, self.run_dir, "test")

@@ -1,0 +1,92 @@
+"""`aoi report --run_dir RUN`: (re)write `RUN/report.html` from the run's files."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from aoi_lightning.report.build import OverlaySource, build_report_data, run_facts, write_report
+from aoi_lightning.report.overlays import image_key, prediction_overlays, read_bgr, render_model_overlays
+from aoi_lightning.runs.jsonio import read_json, read_jsonl
+from aoi_lightning.runs.loading import RunError, load_run_model, read_run_info
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aoi report",
+        description="Write RUN/report.html: a self-contained page (no network) with the metrics, image-level ROC and "
+        "PR curves, score histograms with the threshold, the per-defect-type table and a gallery of the worst false "
+        "positives and false negatives. Overlays come from RUN/predictions/ when present, else from the model.",
+    )
+    parser.add_argument(
+        "--run_dir", required=True, help="Run directory written by `aoi fit` (metrics.json, preds_test.jsonl)."
+    )
+    parser.add_argument("--gallery_size", type=int, default=6, help="Pictures per gallery (default %(default)s).")
+    parser.add_argument("--device", default="cpu", help="Torch device for overlays drawn by the model (default cpu).")
+    return parser
+
+
+def model_overlay_source(run_dir: Path, image_size: tuple[int, int], device: str) -> OverlaySource:
+    """Overlays from `RUN/predictions/` where `aoi predict` wrote them, the rest drawn by the run's model."""
+    saved = prediction_overlays(run_dir / "predictions")
+
+    def source(paths: list[str]) -> dict:
+        out, missing = {}, []
+        for path in paths:
+            file = saved.get(image_key(path))
+            picture = read_bgr(file) if file is not None else None
+            if picture is None:
+                missing.append(path)
+            else:
+                out[path] = picture
+        if missing:
+            try:
+                module, _ = load_run_model(run_dir, device, require_thresholds=True)
+            except RunError as exc:
+                log.warning("gallery without model overlays: %s", exc)
+                return out
+            out.update(render_model_overlays(module.model, missing, image_size, device))
+        return out
+
+    return source
+
+
+def report_from_run(run_dir: str | Path, gallery_size: int = 6, device: str = "cpu") -> Path:
+    """Build `<run_dir>/report.html` from metrics.json, preds_test.jsonl (+ preds_val.jsonl), thresholds.json."""
+    info = read_run_info(run_dir)
+    run = info.run
+    if not run.metrics.is_file():
+        raise RunError(f"{run.metrics} not found: the run has no test results (fit it with test images)")
+    metrics = read_json(run.metrics)
+    records = []
+    for split in ("test", "val"):
+        if run.preds(split).is_file():
+            records.extend(read_jsonl(run.preds(split)))
+    thresholds = read_json(run.thresholds) if run.thresholds.is_file() else dict(metrics.get("thresholds") or {})
+    data_cfg = info.config.get("data") or {}
+    facts = run_facts(info.model_name, info.category, run.path, metrics.get("split_policy"), info.image_size)
+    data = build_report_data(
+        f"{info.model_name} / {info.category} / {run.path.name}",
+        facts,
+        metrics,
+        records,
+        thresholds,
+        model_overlay_source(run.path, info.image_size, device),
+        mask_suffix=str(data_cfg.get("mask_suffix") or "_mask"),
+        gallery_size=gallery_size,
+    )
+    if not records:
+        data.notes.append(f"No per-image scores ({run.preds('test').name} missing): no curves, histogram or gallery.")
+    return write_report(run.path, data)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.gallery_size < 0:
+        raise ValueError(f"--gallery_size must be >= 0, got {args.gallery_size}")
+    path = report_from_run(args.run_dir, args.gallery_size, args.device)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0

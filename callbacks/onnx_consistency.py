@@ -1,0 +1,88 @@
+"""OnnxConsistencyCheck: ONNX Runtime vs torch on the test images at the end of fit; writes consistency.json."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Literal
+
+import lightning.pytorch as pl
+from aoi_lightning.callbacks.onnx_export import OnnxExport, fit_export
+
+from aoi_lightning.export.consistency import (
+    DEFAULT_IOU_TOL,
+    DEFAULT_MAP_TOL,
+    DEFAULT_SCORE_TOL,
+    ConsistencyFailed,
+    check_consistency,
+    loader_images,
+    summary_line,
+)
+from aoi_lightning.export.onnx_export import CONSISTENCY_FILE
+from aoi_lightning.runs.jsonio import write_json
+from aoi_lightning.runs.meta import utc_now
+
+log = logging.getLogger(__name__)
+
+
+class OnnxConsistencyCheck(pl.Callback):
+    """Checks the ONNX export of the fit against the torch model on the datamodule's test images.
+
+    Uses the export of an `OnnxExport` callback (in any order), or exports itself when there is none.
+
+    Args:
+        max_images: test images to use (default: all).
+        score_tol: largest image-score mean absolute error.
+        map_tol: largest anomaly-map mean absolute error.
+        iou_tol: smallest IoU of the masks at the pixel threshold.
+        on_failure: `error` stops with an error when the check FAILED; `warn` logs a warning.
+        device: device of the comparison (`cpu`: torch and ONNX Runtime on CPU; `cuda`).
+    """
+
+    def __init__(
+        self,
+        max_images: int | None = None,
+        score_tol: float = DEFAULT_SCORE_TOL,
+        map_tol: float = DEFAULT_MAP_TOL,
+        iou_tol: float = DEFAULT_IOU_TOL,
+        on_failure: Literal["error", "warn"] = "error",
+        device: Literal["cpu", "cuda"] = "cpu",
+    ) -> None:
+        if max_images is not None and max_images < 1:
+            raise ValueError(f"OnnxConsistencyCheck.max_images must be >= 1 or null, got {max_images}")
+        self.max_images = max_images
+        self.score_tol = score_tol
+        self.map_tol = map_tol
+        self.iou_tol = iou_tol
+        self.on_failure = on_failure
+        self.device = device
+        self.result: dict | None = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.interrupted:
+            return
+        exporters = [cb for cb in trainer.callbacks if isinstance(cb, OnnxExport)]
+        onnx_path = exporters[0].export(trainer, pl_module) if exporters else fit_export(trainer, pl_module)
+        model = pl_module.model
+        if model.fitted.device.type != self.device:
+            model = copy.deepcopy(model).to(self.device)
+        images = loader_images(trainer.datamodule.test_dataloader(), self.max_images)
+        result = check_consistency(model, onnx_path, images, float(model.pixel_threshold), self.score_tol,
+                                   self.map_tol, self.iou_tol, device=self.device)
+        result.update({"model": getattr(pl_module, "model_name", None), "run_id": onnx_path.parent.parent.name,
+                       "images": "test folder", "created_at": utc_now()})
+        write_json(onnx_path.parent / CONSISTENCY_FILE, result)
+        self.result = result
+        line = summary_line(result)
+        if result["status"] == "PASSED":
+            log.info(line)
+        elif self.on_failure == "warn":
+            log.warning(line)
+        else:
+            error = ConsistencyFailed(f"{line}; see {onnx_path.parent / CONSISTENCY_FILE}")
+            deferred = getattr(pl_module, "deferred_errors", None)
+            if isinstance(deferred, list):  # the CLI writes the run's files first, then raises it
+                log.error(line)
+                deferred.append(error)
+            else:
+                raise error

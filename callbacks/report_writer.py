@@ -1,0 +1,74 @@
+"""HtmlReport: writes `<run>/report.html` at the end of every test pass (rank zero)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from aoi_lightning.report.build import build_report_data, run_facts, write_report
+from aoi_lightning.report.overlays import render_model_overlays
+
+log = logging.getLogger(__name__)
+
+
+class HtmlReport(pl.Callback):
+    """Writes the run's self-contained HTML report from the test pass held in memory.
+
+    During `aoi fit` the test pass runs before metrics.json and the preds files exist, so the page is built
+    from `pl_module.test_report`, `pl_module.test_collector.records` and the model's thresholds; the gallery
+    overlays are drawn by the model itself. `aoi report --run_dir RUN` rebuilds the same page from the files.
+    The seconds it takes are recorded as `report_html_s` in the module's timings (meta.json after a fit).
+
+    Args:
+        gallery_size: pictures per gallery (worst false positives, worst false negatives).
+    """
+
+    def __init__(self, gallery_size: int = 6) -> None:
+        if gallery_size < 0:
+            raise ValueError(f"gallery_size must be >= 0, got {gallery_size}")
+        self.gallery_size = gallery_size
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        metrics = getattr(pl_module, "test_report", None)
+        if not metrics:
+            log.warning("HtmlReport: the test pass produced no metrics; report.html not written")
+            return
+        start = time.perf_counter()
+        model = pl_module.model
+        image_t, pixel_t = float(model.image_threshold), float(model.pixel_threshold)
+        thresholds = dict(getattr(pl_module, "threshold_info", None) or {})
+        thresholds.update(image_threshold=image_t, pixel_threshold=pixel_t)
+        datamodule = trainer.datamodule
+        size = tuple(getattr(datamodule, "image_size", None) or (0, 0))
+        run_dir = Path(trainer.default_root_dir)
+        name = str(getattr(pl_module, "model_name", type(pl_module).__name__.lower()))
+        category = str(getattr(datamodule, "category", ""))
+        was_training = model.training
+
+        def overlays(paths: list[str]) -> dict:
+            if not model.has_thresholds:
+                return {}
+            return render_model_overlays(model, paths, size, pl_module.device)
+
+        try:
+            data = build_report_data(
+                f"{name} / {category} / {run_dir.name}",
+                run_facts(name, category, run_dir, metrics.get("split_policy"), size),
+                metrics,
+                list(pl_module.test_collector.records),
+                thresholds,
+                overlays,
+                mask_suffix=str(getattr(datamodule, "mask_suffix", "_mask")),
+                gallery_size=self.gallery_size,
+            )
+            path = write_report(run_dir, data)
+        finally:
+            model.train(was_training)
+        seconds = time.perf_counter() - start
+        pl_module.timings["report_html_s"] = seconds
+        log.info("HTML report written to %s (%.1f s)", path, seconds)

@@ -1,0 +1,81 @@
+"""`aoi check-data`: counts, sizes and modes, and planted problems (orphan and missing masks, unreadable files)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from aoi_lightning.data.check import check_category
+from aoi_lightning.data.check_command import LABEL_WIDTH
+from aoi_lightning.data.synthetic import DEFECT_TYPES
+from aoi_lightning.runs.jsonio import read_json
+
+
+@pytest.fixture()
+def planted(tiny_mvtec_root: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny tree with: an orphan mask, an unreadable test image, a defective image whose mask was
+    deleted, a 16-bit grey training image, a mask of the wrong size, a non-image file and a mask folder of a
+    defect type that has no test folder."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_mvtec_root / "synthetic", root / "synthetic")
+    cat = root / "synthetic"
+    cv2.imwrite(str(cat / "ground_truth" / "scratch" / "099_mask.png"), np.full((64, 64), 255, np.uint8))
+    (cat / "test" / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (cat / "ground_truth" / "crack" / "001_mask.png").unlink()
+    cv2.imwrite(str(cat / "train" / "good" / "grey16.png"), np.full((64, 64), 40000, np.uint16))
+    cv2.imwrite(str(cat / "ground_truth" / "missing_pad" / "000_mask.png"), np.full((32, 32), 255, np.uint8))
+    (cat / "train" / "good" / "notes.txt").write_text("not an image")
+    (cat / "ground_truth" / "dent").mkdir()
+    cv2.imwrite(str(cat / "ground_truth" / "dent" / "000_mask.png"), np.full((64, 64), 255, np.uint8))
+    return root
+
+
+def test_clean_tree_has_no_problems(tiny_mvtec_root: Path) -> None:
+    report, groups = check_category(tiny_mvtec_root, "synthetic")
+    assert report["num_problems"] == 0, report["problems"]
+    assert report["counts"] == {"train": {"good": 12}, "test": {**{t: 2 for t in sorted(DEFECT_TYPES)}, "good": 4}}
+    assert report["image_sizes"]["train/good"] == {"64x64": 12}
+    assert report["image_modes"]["test/good"] == {"RGB 8-bit": 4}
+    assert report["masks"] == {t: 2 for t in DEFECT_TYPES}
+    assert [g.name for g in groups][0] == "train/good"
+
+
+def test_planted_problems_are_listed_not_fatal(aoi_cli, planted: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "check"
+    argv = ["check-data", "--root", planted, "--category", "synthetic", "--output_dir", out, "--samples", "3",
+            "--tile_size", "64"]  # fmt: skip
+    assert aoi_cli(argv) == 0
+    printed = capsys.readouterr()
+    assert "problem(s)" in printed.out and "Traceback" not in printed.err
+    report = read_json(out / "data_check.json")
+    cat = planted / "synthetic"
+    assert report["counts"]["train"]["good"] == 13 and report["counts"]["test"]["good"] == 5
+    assert [u["path"] for u in report["unreadable"]] == [str(cat / "test" / "good" / "broken.png")]
+    assert report["missing_masks"] == [str(cat / "test" / "crack" / "001.png")]
+    assert sorted(report["orphan_masks"]) == sorted(
+        [str(cat / "ground_truth" / "scratch" / "099_mask.png"), str(cat / "ground_truth" / "dent" / "000_mask.png")]
+    )
+    assert [m["mask"] for m in report["mask_size_mismatch"]] == [
+        str(cat / "ground_truth" / "missing_pad" / "000_mask.png")
+    ]
+    assert report["image_modes"]["train/good"] == {"RGB 8-bit": 12, "L 16-bit": 1}
+    assert report["ignored_files"] == [str(cat / "train" / "good" / "notes.txt")]
+    assert report["num_problems"] == len(report["problems"]) == 5
+    assert aoi_cli([*argv, "--strict"]) == 1
+
+    preview = cv2.imread(str(out / "preview.png"), cv2.IMREAD_COLOR)
+    groups = 2 + len(DEFECT_TYPES)  # train/good, test/good, one row per defect type
+    assert preview.shape[:2] == (36 + groups * (64 + 4), LABEL_WIDTH + 3 * (64 + 4))
+    red = (preview[:, :, 2] > 200) & (preview[:, :, 1] < 60) & (preview[:, :, 0] < 60)
+    assert red.sum() > 50  # mask outlines drawn
+
+
+def test_missing_category_is_a_one_line_error(aoi_cli, tiny_mvtec_root: Path, tmp_path: Path, capsys) -> None:
+    code = aoi_cli(["check-data", "--root", tiny_mvtec_root, "--category", "nosuch", "--output_dir", tmp_path])
+    err = capsys.readouterr().err
+    assert code == 2 and "aoi check-data: error:" in err and "available: synthetic" in err
+    assert not (tmp_path / "preview.png").exists()

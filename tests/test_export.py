@@ -1,0 +1,223 @@
+"""ONNX export and the ONNX-vs-torch consistency check: library functions, callbacks and the `aoi` commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from aoi_lightning.callbacks import OnnxConsistencyCheck, OnnxExport
+from onnx import numpy_helper
+
+from aoi_lightning.cli import main
+from aoi_lightning.export.consistency import ConsistencyFailed, check_consistency
+from aoi_lightning.export.onnx_export import META_FILE, MODEL_FILE, export_onnx, onnx_input_size, sha256_file
+from aoi_lightning.models.padim.torch_model import PadimModel
+from aoi_lightning.models.patchcore.torch_model import PatchcoreModel
+
+SIZE = 64
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    """(n, 3, SIZE, SIZE) smooth random images in [0, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, SIZE // 8, SIZE // 8, generator=gen)
+    noise = 0.1 * torch.rand(n, 3, SIZE, SIZE, generator=gen)
+    return (torch.nn.functional.interpolate(low, size=(SIZE, SIZE), mode="bilinear") * 0.9 + noise).clamp(0, 1)
+
+
+def _fit(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = PadimModel(weights="none", n_features=40) if kind == "padim" else PatchcoreModel(weights="none")
+    model.eval()
+    train = _images(8, seed=1)
+    model.update(train[:4])
+    model.update(train[4:])
+    model.finalize()
+    with torch.no_grad():
+        out = model(_images(4, seed=2))
+    model.set_thresholds(float(out.pred_score.median()), float(torch.quantile(out.anomaly_map.flatten(), 0.9)))
+    return model
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """Fitted tiny models by kind, built once per module."""
+    cache: dict[str, torch.nn.Module] = {}
+    return lambda kind: cache[kind] if kind in cache else cache.setdefault(kind, _fit(kind))
+
+
+@pytest.fixture(scope="module", params=["padim", "patchcore"])
+def exported(request, fitted, tmp_path_factory):
+    model = fitted(request.param)
+    path = tmp_path_factory.mktemp(f"export_{request.param}") / "export" / MODEL_FILE
+    meta = {"model": request.param, "category": "synthetic", "run_id": "t", "thresholds": {"method": "test"}}
+    export_onnx(model, (SIZE, SIZE), path, meta)
+    return model, path
+
+
+def test_export_consistency_passes_on_any_batch_size(exported):
+    model, path = exported
+    images = _images(5, seed=3)
+    result = check_consistency(model, path, images, float(model.pixel_threshold), batch_size=3)  # batches 3 and 2
+    assert result["status"] == "PASSED", result["reasons"]
+    assert result["num_images"] == 5
+    assert result["score_mae"] <= 1e-3 and result["map_mae"] <= 1e-3 and result["mask_iou"] >= 0.99
+    assert result["mask_pixels_torch"] > 0  # the IoU compared real masks, not two empty ones
+    assert result["providers"] == ["CPUExecutionProvider"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [META_FILE, MODEL_FILE]  # no temporary files left
+    assert 1e5 < path.stat().st_size < 2e9
+    if isinstance(model, PatchcoreModel):
+        assert model.search == "faiss"  # the export's matmul search did not leak into the model
+
+
+def test_empty_masks_give_iou_one(exported):
+    model, path = exported
+    result = check_consistency(model, path, _images(2, seed=4), pixel_threshold=1e30)
+    assert result["mask_iou"] == 1.0 and result["mask_pixels_torch"] == 0 and result["status"] == "PASSED"
+
+
+def test_metadata_round_trip(exported):
+    model, path = exported
+    meta = json.loads((path.parent / META_FILE).read_text())
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    # plain strings stay plain, everything else is JSON
+    decoded = {k: v if isinstance(meta.get(k), str) else json.loads(v) for k, v in props.items() if k != "format"}
+    assert decoded["model"] == meta["model"] and decoded["backbone"] == meta["backbone"]
+    for source in (meta, decoded):
+        assert source["image_size"] == [SIZE, SIZE]
+        assert source["image_threshold"] == pytest.approx(float(model.image_threshold), rel=1e-6)
+        assert source["pixel_threshold"] == pytest.approx(float(model.pixel_threshold), rel=1e-6)
+        assert source["input"]["name"] == "image" and source["input"]["range"] == [0.0, 1.0]
+        assert source["normalization"]["in_graph"] is True
+        assert source["normalization"]["mean"] == pytest.approx(model.feature_extractor.mean.flatten().tolist())
+        assert source["opset"] == 17 and source["thresholds"] == {"method": "test"}
+    assert meta["sha256"] == sha256_file(path) and meta["size_bytes"] == path.stat().st_size
+    assert meta["versions"]["onnxruntime"] and meta["versions"]["torch"]
+    assert onnx_input_size(path) == (SIZE, SIZE)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert [o.name for o in graph.output] == ["pred_score", "anomaly_map"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+
+
+def test_large_models_keep_weights_in_external_data(fitted, tmp_path, monkeypatch):
+    import aoi_lightning.export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as if the weights were over 2 GB
+    model = fitted("patchcore")
+    path = export_onnx(model, (SIZE, SIZE), tmp_path / "export" / MODEL_FILE, {"model": "patchcore"})
+    meta = json.loads((path.parent / META_FILE).read_text())
+    data = path.parent / meta["external_data"]
+    assert data.is_file() and data.stat().st_size > path.stat().st_size
+    assert meta["external_data_sha256"] == sha256_file(data)
+    result = check_consistency(model, path, _images(2, seed=7), float(model.pixel_threshold))
+    assert result["status"] == "PASSED", result["reasons"]
+
+
+def _perturb(path: Path, out: Path) -> Path:
+    """Copy of an ONNX file with its largest float weight shifted."""
+    proto = onnx.load(str(path))
+    floats = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    init = max(floats, key=lambda i: np.prod(i.dims))
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.5, init.name))
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_perturbed_onnx_fails(exported, tmp_path):
+    model, path = exported
+    bad = _perturb(path, tmp_path / "bad.onnx")
+    result = check_consistency(model, bad, _images(3, seed=5), float(model.pixel_threshold))
+    assert result["status"] == "FAILED"
+    assert any("MAE" in r for r in result["reasons"])
+
+
+def _fake_fit(tmp_path: Path, model: torch.nn.Module, callbacks: list):
+    images = _images(4, seed=6)
+    batch = {"image": images, "error": [""] * 4}
+    datamodule = SimpleNamespace(image_size=(SIZE, SIZE), category="synthetic", test_dataloader=lambda: [batch])
+    trainer = SimpleNamespace(is_global_zero=True, interrupted=False, callbacks=callbacks, datamodule=datamodule,
+                              default_root_dir=str(tmp_path / "run"))
+    module = SimpleNamespace(model=model, model_name="padim", threshold_info={"method": "test"})
+    return trainer, module
+
+
+def test_consistency_callback_listed_first_uses_the_export_callback(fitted, tmp_path, monkeypatch):
+    model = fitted("patchcore")
+    check, export = OnnxConsistencyCheck(max_images=3), OnnxExport()
+    trainer, module = _fake_fit(tmp_path, model, [check, export])
+    calls = []
+    import aoi_lightning.callbacks.onnx_export as export_cb
+
+    real = export_cb.export_module
+    monkeypatch.setattr(export_cb, "export_module", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for cb in trainer.callbacks:
+        cb.on_fit_start(trainer, module)
+    for cb in trainer.callbacks:
+        cb.on_fit_end(trainer, module)
+    assert len(calls) == 1  # exported once, by whichever callback came first
+    result = json.loads((tmp_path / "run" / "export" / "consistency.json").read_text())
+    assert result["status"] == "PASSED" and result["num_images"] == 3
+
+
+def test_consistency_callback_failure_modes(fitted, tmp_path):
+    model = fitted("patchcore")
+    trainer, module = _fake_fit(tmp_path, model, [])
+    warn = OnnxConsistencyCheck(max_images=2, score_tol=-1.0, on_failure="warn")  # alone: exports by itself
+    warn.on_fit_end(trainer, module)
+    assert warn.result["status"] == "FAILED" and (tmp_path / "run" / "export" / MODEL_FILE).is_file()
+    trainer.callbacks.append(OnnxExport())  # from here on the export callback's export is used
+    with pytest.raises(ConsistencyFailed, match="FAILED"):
+        OnnxConsistencyCheck(max_images=2, score_tol=-1.0).on_fit_end(trainer, module)
+
+
+# -- the commands on a trained quick-start run (conftest's session fit, with the export callbacks) --------------
+
+
+@pytest.fixture
+def trained_run(patchcore_run, tmp_path) -> Path:
+    """A private copy of the session's PatchCore run, free to modify."""
+    return Path(shutil.copytree(patchcore_run, tmp_path / "run"))
+
+
+def test_fit_callbacks_wrote_export(patchcore_run):
+    export = patchcore_run / "export"
+    assert (export / MODEL_FILE).is_file()
+    assert json.loads((export / "consistency.json").read_text())["status"] == "PASSED"
+    meta = json.loads((export / META_FILE).read_text())
+    thresholds = json.loads((patchcore_run / "thresholds.json").read_text())
+    assert meta["image_threshold"] == pytest.approx(thresholds["image_threshold"], rel=1e-6)
+    assert meta["thresholds"]["method"] == thresholds["method"]
+
+
+def test_commands_exit_codes(trained_run, tmp_path, capsys):
+    assert main(["export", "--run_dir", str(trained_run)]) == 0
+    assert not (trained_run / "export" / "consistency.json").exists()  # the re-export made the old check stale
+    assert main(["consistency", "--run_dir", str(trained_run), "--max_images", "5"]) == 0
+    result = json.loads((trained_run / "export" / "consistency.json").read_text())
+    assert result["status"] == "PASSED" and result["num_images"] == 5
+    assert "PASSED" in capsys.readouterr().out
+
+    bad = shutil.copytree(trained_run, tmp_path / "bad")
+    _perturb(bad / "export" / MODEL_FILE, bad / "export" / MODEL_FILE)
+    assert main(["consistency", "--run_dir", str(bad), "--max_images", "4"]) == 1
+    assert json.loads((bad / "export" / "consistency.json").read_text())["status"] == "FAILED"
+    assert "FAILED" in capsys.readouterr().out
+
+    resized = shutil.copytree(trained_run, tmp_path / "resized")
+    meta_path = resized / "export" / META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["image_size"] = [SIZE * 2, SIZE * 2]
+    meta_path.write_text(json.dumps(meta))
+    assert main(["consistency", "--run_dir", str(resized)]) == 2
+    assert "export_meta.json" in capsys.readouterr().err
+
+    shutil.rmtree(resized / "export")
+    assert main(["consistency", "--run_dir", str(resized)]) == 2
+    err = capsys.readouterr().err
+    assert "aoi export" in err and len(err.strip().splitlines()) == 1

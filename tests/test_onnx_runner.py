@@ -1,0 +1,93 @@
+"""`aoi run --backend onnx`: same outputs as the torch backend, in a process where torch cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aoi_lightning.deploy.onnx_predictor import OnnxPredictor, OnnxRunError
+
+BLOCK_TORCH = (
+    "import sys\n"
+    "for name in ('torch', 'torchvision', 'lightning', 'pytorch_lightning', 'timm', 'kornia', 'torchmetrics'):\n"
+    "    sys.modules[name] = None  # any import of these now fails\n"
+    "from aoi_lightning.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tiny_mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("mixed")
+    test_dir = tiny_mvtec_root / "synthetic" / "test"
+    for sub in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        for image in sorted(sub.glob("*.png"))[:2]:
+            (folder / f"{sub.name}_{image.name}").write_bytes(image.read_bytes())
+    (folder / "not_an_image.png").write_text("hello", encoding="utf-8")
+    return folder
+
+
+def test_onnx_backend_runs_without_torch_and_matches_torch(patchcore_run: Path, mixed_folder: Path, tmp_path: Path):
+    assert (patchcore_run / "export" / "model.onnx").is_file()
+    onnx_out, torch_out = tmp_path / "onnx", tmp_path / "torch"
+    common = ["run", "--model_dir", str(patchcore_run), "--input_dir", str(mixed_folder), "--no_progress"]
+    res = subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH, *common, "--backend", "onnx", "--output_dir", str(onnx_out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from aoi_lightning.cli import main; sys.exit(main(sys.argv[1:]))",
+            *common,
+            "--output_dir",
+            str(torch_out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = _records(onnx_out / "preds.jsonl"), _records(torch_out / "preds.jsonl")
+    assert [r["image_path"] for r in a] == [r["image_path"] for r in b]
+    assert sum("error" in r for r in a) == 1
+    for x, y in zip(a, b):
+        assert ("error" in x) == ("error" in y)
+        if "error" in x:
+            continue
+        assert x["label"] == y["label"]
+        assert x["num_defects"] == y["num_defects"]
+        assert x["pred_score"] == pytest.approx(y["pred_score"], rel=1e-4, abs=1e-4)
+        assert set(x) == set(y)
+    ra = json.loads((onnx_out / "report.json").read_text(encoding="utf-8"))
+    rb = json.loads((torch_out / "report.json").read_text(encoding="utf-8"))
+    for key in ("num_images", "num_ok", "num_ng", "num_errors"):
+        assert ra[key] == rb[key]
+
+
+def test_onnx_predictor_refuses_a_size_mismatch(patchcore_run: Path, tmp_path: Path):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.onnx").write_bytes((patchcore_run / "export" / "model.onnx").read_bytes())
+    meta = json.loads((patchcore_run / "export" / "export_meta.json").read_text(encoding="utf-8"))
+    meta["image_size"] = [meta["image_size"][0] * 2, meta["image_size"][1] * 2]
+    (export / "export_meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(OnnxRunError, match="image_size"):
+        OnnxPredictor.from_run(tmp_path)
+
+
+def test_onnx_predictor_names_the_export_command(tmp_path: Path):
+    with pytest.raises(OnnxRunError, match="aoi export"):
+        OnnxPredictor.from_run(tmp_path)
