@@ -7,8 +7,8 @@ import logging
 from typing import Literal
 
 import lightning.pytorch as pl
-from aoi_lightning.callbacks.onnx_export import OnnxExport, fit_export
 
+from aoi_lightning.callbacks.onnx_export import OnnxExport, fit_export
 from aoi_lightning.export.consistency import (
     DEFAULT_IOU_TOL,
     DEFAULT_MAP_TOL,
@@ -67,10 +67,24 @@ class OnnxConsistencyCheck(pl.Callback):
         if model.fitted.device.type != self.device:
             model = copy.deepcopy(model).to(self.device)
         images = loader_images(trainer.datamodule.test_dataloader(), self.max_images)
-        result = check_consistency(model, onnx_path, images, float(model.pixel_threshold), self.score_tol,
-                                   self.map_tol, self.iou_tol, device=self.device)
-        result.update({"model": getattr(pl_module, "model_name", None), "run_id": onnx_path.parent.parent.name,
-                       "images": "test folder", "created_at": utc_now()})
+        result = check_consistency(
+            model,
+            onnx_path,
+            images,
+            float(model.pixel_threshold),
+            self.score_tol,
+            self.map_tol,
+            self.iou_tol,
+            device=self.device,
+        )
+        result.update(
+            {
+                "model": getattr(pl_module, "model_name", None),
+                "run_id": onnx_path.parent.parent.name,
+                "images": "test folder",
+                "created_at": utc_now(),
+            }
+        )
         write_json(onnx_path.parent / CONSISTENCY_FILE, result)
         self.result = result
         line = summary_line(result)

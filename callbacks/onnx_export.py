@@ -47,4 +47,3 @@ class OnnxExport(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and not trainer.interrupted:
             self.export(trainer, pl_module)
-

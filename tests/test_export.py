@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from aoi_lightning.callbacks import OnnxConsistencyCheck, OnnxExport
 from onnx import numpy_helper
 
+from aoi_lightning.callbacks import OnnxConsistencyCheck, OnnxExport
 from aoi_lightning.cli import main
 from aoi_lightning.export.consistency import ConsistencyFailed, check_consistency
 from aoi_lightning.export.onnx_export import META_FILE, MODEL_FILE, export_onnx, onnx_input_size, sha256_file
@@ -141,8 +141,13 @@ def _fake_fit(tmp_path: Path, model: torch.nn.Module, callbacks: list):
     images = _images(4, seed=6)
     batch = {"image": images, "error": [""] * 4}
     datamodule = SimpleNamespace(image_size=(SIZE, SIZE), category="synthetic", test_dataloader=lambda: [batch])
-    trainer = SimpleNamespace(is_global_zero=True, interrupted=False, callbacks=callbacks, datamodule=datamodule,
-                              default_root_dir=str(tmp_path / "run"))
+    trainer = SimpleNamespace(
+        is_global_zero=True,
+        interrupted=False,
+        callbacks=callbacks,
+        datamodule=datamodule,
+        default_root_dir=str(tmp_path / "run"),
+    )
     module = SimpleNamespace(model=model, model_name="padim", threshold_info={"method": "test"})
     return trainer, module
 

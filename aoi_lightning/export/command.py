@@ -37,8 +37,10 @@ def run_threshold_info(module, run_path: Path) -> dict:
         for key in ("image_threshold", "pixel_threshold"):
             model_value = float(getattr(module.model, key))
             value = on_disk.get(key)
-            if value is not None and math.isfinite(model_value) and not math.isclose(
-                float(value), model_value, rel_tol=1e-5, abs_tol=1e-7
+            if (
+                value is not None
+                and math.isfinite(model_value)
+                and not math.isclose(float(value), model_value, rel_tol=1e-5, abs_tol=1e-7)
             ):
                 raise ExportError(
                     f"{file}: {key} {value} does not match the checkpoint's {model_value:.8g}; "

@@ -180,9 +180,11 @@ def summary_line(result: dict) -> str:
     """One line for logs and the command output."""
     iou = result.get("mask_iou")
     iou_text = "n/a" if iou is None else f"{iou:.4f}"
-    text = (f"ONNX consistency {result['status']}: {result['num_images']} images, score MAE {result['score_mae']:.3g} "
-            f"(max {result['score_max_abs_error']:.3g}), map MAE {result['map_mae']:.3g} "
-            f"(max {result['map_max_abs_error']:.3g}), mask IoU {iou_text}")
+    text = (
+        f"ONNX consistency {result['status']}: {result['num_images']} images, score MAE {result['score_mae']:.3g} "
+        f"(max {result['score_max_abs_error']:.3g}), map MAE {result['map_mae']:.3g} "
+        f"(max {result['map_max_abs_error']:.3g}), mask IoU {iou_text}"
+    )
     if result.get("reasons"):
         text += " [" + "; ".join(result["reasons"]) + "]"
     return text
@@ -204,8 +206,9 @@ def loader_images(loader: Iterable[dict], max_images: int | None = None) -> Iter
             yield images
 
 
-def run_test_images(data_config: dict, image_size: tuple[int, int], max_images: int | None = None,
-                    batch_size: int = 8) -> Iterator[torch.Tensor]:
+def run_test_images(
+    data_config: dict, image_size: tuple[int, int], max_images: int | None = None, batch_size: int = 8
+) -> Iterator[torch.Tensor]:
     """The test images of a run's data config (`<root>/<category>/test`, the whole folder, or `max_images` of them
     spread evenly over it), in batches (B, 3, H, W)."""
     from aoi_lightning.data.mvtec import AnomalyDataset, scan_mvtec

@@ -36,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--score_tol", type=float, default=DEFAULT_SCORE_TOL, help="Largest image-score MAE (default %(default)g).")
     add("--map_tol", type=float, default=DEFAULT_MAP_TOL, help="Largest anomaly-map MAE (default %(default)g).")
     add("--iou_tol", type=float, default=DEFAULT_IOU_TOL, help="Smallest mask IoU (default %(default)g).")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="Device of the torch model and ONNX Runtime's provider (default cpu).")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="Device of the torch model and ONNX Runtime's provider (default cpu).",
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="Images per batch (default 8).")
     return parser
 
@@ -52,9 +56,15 @@ def _stale_thresholds(meta: dict, model) -> list[str]:
     return out
 
 
-def consistency_run(run_dir: str | Path, max_images: int | None = None, score_tol: float = DEFAULT_SCORE_TOL,
-                    map_tol: float = DEFAULT_MAP_TOL, iou_tol: float = DEFAULT_IOU_TOL, device: str = "cpu",
-                    batch_size: int = 8) -> dict:
+def consistency_run(
+    run_dir: str | Path,
+    max_images: int | None = None,
+    score_tol: float = DEFAULT_SCORE_TOL,
+    map_tol: float = DEFAULT_MAP_TOL,
+    iou_tol: float = DEFAULT_IOU_TOL,
+    device: str = "cpu",
+    batch_size: int = 8,
+) -> dict:
     """Check the export of `run_dir` and write `export/consistency.json`; returns the record."""
     from aoi_lightning.runs.loading import load_run_model, read_run_info
 
@@ -84,8 +94,17 @@ def consistency_run(run_dir: str | Path, max_images: int | None = None, score_to
             raise ConsistencyError("--device cuda: no CUDA device is available to torch")
     module, _ = load_run_model(run_dir, device, require_thresholds=False)
     images = run_test_images(info.config.get("data") or {}, info.image_size, max_images, batch_size)
-    result = check_consistency(module.model, onnx_path, images, float(module.model.pixel_threshold),
-                               score_tol, map_tol, iou_tol, batch_size=batch_size, device=device)
+    result = check_consistency(
+        module.model,
+        onnx_path,
+        images,
+        float(module.model.pixel_threshold),
+        score_tol,
+        map_tol,
+        iou_tol,
+        batch_size=batch_size,
+        device=device,
+    )
     stale = _stale_thresholds(meta, module.model)
     if stale:
         result["reasons"].extend(stale)
@@ -93,8 +112,15 @@ def consistency_run(run_dir: str | Path, max_images: int | None = None, score_to
     if meta.get("sha256") and meta["sha256"] != result["onnx_sha256"]:
         result["sha256_note"] = "model.onnx differs from the file export_meta.json describes (sha256 mismatch)"
         log.warning("%s: %s", onnx_path, result["sha256_note"])
-    result.update({"model": info.model_name, "category": info.category, "run_id": info.run.path.name,
-                   "images": "test folder", "created_at": utc_now()})
+    result.update(
+        {
+            "model": info.model_name,
+            "category": info.category,
+            "run_id": info.run.path.name,
+            "images": "test folder",
+            "created_at": utc_now(),
+        }
+    )
     write_json(info.run.export / CONSISTENCY_FILE, result)
     return result
 
@@ -105,7 +131,8 @@ def main(argv: list[str]) -> int:
         raise ConsistencyError(f"--max_images must be >= 1, got {args.max_images}")
     if args.batch_size < 1:
         raise ConsistencyError(f"--batch_size must be >= 1, got {args.batch_size}")
-    result = consistency_run(args.run_dir, args.max_images, args.score_tol, args.map_tol, args.iou_tol, args.device,
-                             args.batch_size)
+    result = consistency_run(
+        args.run_dir, args.max_images, args.score_tol, args.map_tol, args.iou_tol, args.device, args.batch_size
+    )
     print(summary_line(result))
     return 0 if result["status"] == "PASSED" else 1

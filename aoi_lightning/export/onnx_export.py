@@ -92,8 +92,23 @@ def describe_model(model: AnomalyTorchModel) -> dict:
 
 def _metadata_props(meta: dict) -> dict[str, str]:
     """ONNX metadata_props: string values, JSON for anything nested or numeric."""
-    keys = ("model", "category", "run_id", "backbone", "layers", "image_size", "input", "outputs", "normalization",
-            "image_threshold", "pixel_threshold", "thresholds", "opset", "versions", "created_at")
+    keys = (
+        "model",
+        "category",
+        "run_id",
+        "backbone",
+        "layers",
+        "image_size",
+        "input",
+        "outputs",
+        "normalization",
+        "image_threshold",
+        "pixel_threshold",
+        "thresholds",
+        "opset",
+        "versions",
+        "created_at",
+    )
     props = {}
     for key in keys:
         if key in meta:
@@ -161,19 +176,27 @@ def export_onnx(
         log.warning("exporting a model without thresholds: export_meta.json records them as null")
     info = dict(meta or {})
     info.update(describe_model(model))
-    info.update({
-        "image_size": [h, w],
-        "input": {"name": INPUT_NAME, "shape": ["batch", 3, h, w], "dtype": "float32", "range": [0.0, 1.0],
-                  "layout": "NCHW", "channels": "RGB",
-                  "resize": "to image_size with cv2 INTER_AREA when shrinking, INTER_LINEAR when enlarging"},
-        "outputs": {"pred_score": ["batch"], "anomaly_map": ["batch", 1, h, w]},
-        "image_threshold": image_t,
-        "pixel_threshold": pixel_t,
-        "opset": int(opset),
-        "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
-        "versions": {name: _version(name) for name in ("aoi-lightning", "torch", "onnx", "onnxruntime", "kornia")},
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-    })
+    info.update(
+        {
+            "image_size": [h, w],
+            "input": {
+                "name": INPUT_NAME,
+                "shape": ["batch", 3, h, w],
+                "dtype": "float32",
+                "range": [0.0, 1.0],
+                "layout": "NCHW",
+                "channels": "RGB",
+                "resize": "to image_size with cv2 INTER_AREA when shrinking, INTER_LINEAR when enlarging",
+            },
+            "outputs": {"pred_score": ["batch"], "anomaly_map": ["batch", 1, h, w]},
+            "image_threshold": image_t,
+            "pixel_threshold": pixel_t,
+            "opset": int(opset),
+            "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+            "versions": {name: _version(name) for name in ("aoi-lightning", "torch", "onnx", "onnxruntime", "kornia")},
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        }
+    )
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tmp = tmp_dir / path.name
@@ -188,8 +211,13 @@ def export_onnx(
         data_name = f"{path.name}.data"
         for stale in tmp_dir.iterdir():
             stale.unlink()
-        onnx.save_model(proto, str(tmp), save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=data_name if external else None)
+        onnx.save_model(
+            proto,
+            str(tmp),
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            location=data_name if external else None,
+        )
         del proto
         onnx.checker.check_model(str(tmp))
         info["external_data"] = data_name if external else None
@@ -213,8 +241,9 @@ def export_onnx(
     return path
 
 
-def export_module(module, image_size: tuple[int, int], export_dir: str | Path, extra: dict | None = None,
-                  opset: int = DEFAULT_OPSET) -> Path:
+def export_module(
+    module, image_size: tuple[int, int], export_dir: str | Path, extra: dict | None = None, opset: int = DEFAULT_OPSET
+) -> Path:
     """Export a trained model module (anything with `.model`, `.model_name`, `.threshold_info`) to
     `<export_dir>/model.onnx` with its thresholds information."""
     meta = {"model": getattr(module, "model_name", type(module.model).__name__.lower())}
