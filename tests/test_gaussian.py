@@ -112,7 +112,9 @@ def test_gaussian_stats_module_float32_close_to_float64() -> None:
     stats = GaussianStats()
     stats.set(mean, w)
     assert all(t.dtype == torch.float32 for t in stats.state_dict().values())
-    assert set(stats.state_dict()) == {"mean", "whitening_t"}
+    assert set(stats.state_dict()) == {"mean", "wt_top", "wt_bottom"}
+    # the zero block of the triangular factor is not stored: 3/4 of C x C (C = 4: 2x4 + 2x2 = 12 of 16)
+    assert stats.wt_top.shape[1:] == (2, 4) and stats.wt_bottom.shape[1:] == (2, 2)
     q = torch.from_numpy(train[:5]).float()
     expected = mahalanobis(q.double(), mean, w.transpose(1, 2)).numpy()
     np.testing.assert_allclose(stats(q).numpy(), expected, rtol=1e-4, atol=1e-4)

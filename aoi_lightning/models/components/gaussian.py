@@ -39,16 +39,30 @@ class StreamingMoments:
         self.outer += other_outer
         self.count += other_count
 
-    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean (C, P) and unbiased covariance (P, C, C), float64."""
+    def mean_cov(self, positions: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (C, P) and unbiased covariance (P, C, C), float64; `positions` selects a range of P."""
         if self.count < 2:
             raise ValueError(f"need at least 2 training images to estimate a covariance, got {self.count}")
+        sel = positions if positions is not None else slice(None)
         n = self.count
-        m = self.sum / n  # mean of centred data (C, P)
-        mean = self.shift + m
-        mt = m.transpose(0, 1)  # (P, C)
-        cov = (self.outer - n * mt.unsqueeze(2) * mt.unsqueeze(1)) / (n - 1)
+        m = self.sum[:, sel] / n  # mean of centred data (C, p)
+        mean = self.shift[:, sel] + m
+        mt = m.transpose(0, 1)  # (p, C)
+        cov = (self.outer[sel] - n * mt.unsqueeze(2) * mt.unsqueeze(1)) / (n - 1)
         return mean, cov
+
+    def whitening(self, regularization: float = 0.01, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (C, P) and whitening W (P, C, C) as float32, inverted in float64 a chunk of positions at a time
+        so that the extra memory beyond the accumulators is one float32 copy of W."""
+        positions = self.outer.shape[0]
+        mean = torch.empty(self.sum.shape, dtype=torch.float32)
+        out = torch.empty(self.outer.shape, dtype=torch.float32)
+        for start in range(0, positions, chunk):
+            sel = slice(start, min(start + chunk, positions))
+            m, cov = self.mean_cov(sel)
+            mean[:, sel] = m.to(torch.float32)
+            out[sel] = whitening_from_covariance(cov, regularization).to(torch.float32)
+        return mean, out
 
 
 def whitening_from_covariance(cov: torch.Tensor, regularization: float = 0.01) -> torch.Tensor:
@@ -79,23 +93,39 @@ def mahalanobis(embedding: torch.Tensor, mean: torch.Tensor, whitening_t: torch.
     Returns:
         (B, P) distances.
     """
-    delta = (embedding - mean.unsqueeze(0)).permute(2, 0, 1)  # (P, B, C)
+    delta = (embedding - mean.unsqueeze(0)).permute(2, 0, 1).contiguous()  # (P, B, C), contiguous for bmm
     white = torch.bmm(delta, whitening_t)  # (P, B, C)
     return white.pow(2).sum(dim=2).clamp_min(0).sqrt().transpose(0, 1)
 
 
 class GaussianStats(nn.Module):
-    """Fitted statistics as buffers: mean (C, P) and the transposed whitening factor W^T (P, C, C)."""
+    """Fitted statistics as buffers: mean (C, P) and the upper-triangular W^T stored without its zero block.
+
+    W^T = [[A, B], [0, D]] with the channels split in halves: `wt_top` = [A, B] (P, h, C) and `wt_bottom` = D
+    (P, C - h, C - h). That is 3/4 of the full matrix, and at batch 1 (where reading the matrices is the cost)
+    inference is about that much faster; the result equals `mahalanobis` with the full factor.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("mean", torch.empty(0))
-        self.register_buffer("whitening_t", torch.empty(0))
+        self.register_buffer("wt_top", torch.empty(0))
+        self.register_buffer("wt_bottom", torch.empty(0))
 
     def set(self, mean: torch.Tensor, whitening: torch.Tensor) -> None:
-        """Store mean (C, P) and whitening W (P, C, C) in float32 (W^T is kept)."""
+        """Store mean (C, P) and whitening W (P, C, C, lower triangular) in float32."""
+        wt = whitening.to(torch.float32).transpose(1, 2)
+        del whitening
+        half = wt.shape[1] // 2
         self.mean = mean.to(torch.float32).contiguous()
-        self.whitening_t = whitening.to(torch.float32).transpose(1, 2).contiguous()
+        self.wt_top = wt[:, :half, :].contiguous()
+        self.wt_bottom = wt[:, half:, half:].contiguous()
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        return mahalanobis(embedding, self.mean, self.whitening_t)
+        """Embedding (B, C, P) -> distances (B, P)."""
+        half = self.wt_top.shape[1]
+        delta = (embedding - self.mean.unsqueeze(0)).permute(2, 0, 1).contiguous()  # (P, B, C)
+        white = torch.bmm(delta[..., :half], self.wt_top)  # (P, B, C)
+        tail = white[..., half:] + torch.bmm(delta[..., half:], self.wt_bottom)
+        dist2 = white[..., :half].pow(2).sum(dim=2) + tail.pow(2).sum(dim=2)
+        return dist2.clamp_min(0).sqrt().transpose(0, 1)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from aoi_lightning.models.components.base import AnomalyTorchModel, InferenceOutput
 from aoi_lightning.models.components.feature_extractor import FeatureExtractor, layers_for_strides
-from aoi_lightning.models.components.gaussian import GaussianStats, StreamingMoments, whitening_from_covariance
+from aoi_lightning.models.components.gaussian import GaussianStats, StreamingMoments
 
 #: Channels kept by the random subset for the PaDiM paper's backbones (its choices).
 PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
@@ -41,7 +41,7 @@ class PadimModel(AnomalyTorchModel):
         sigma: Gaussian smoothing of the map.
     """
 
-    dynamic_buffers = ("stats.mean", "stats.whitening_t")
+    dynamic_buffers = ("stats.mean", "stats.wt_top", "stats.wt_bottom")
 
     def __init__(
         self,
@@ -72,7 +72,10 @@ class PadimModel(AnomalyTorchModel):
         features = self.feature_extractor(images)
         size = features[0].shape[-2:]
         maps = [features[0]] + [F.interpolate(f, size=size, mode="nearest") for f in features[1:]]
-        return torch.cat(maps, dim=1).index_select(1, self.channel_index)
+        embedding = torch.cat(maps, dim=1)
+        if self.channel_index.numel() == embedding.shape[1]:  # every channel kept (index is sorted)
+            return embedding
+        return embedding.index_select(1, self.channel_index)
 
     @torch.no_grad()
     def update(self, images: torch.Tensor) -> None:
@@ -83,8 +86,8 @@ class PadimModel(AnomalyTorchModel):
     @torch.no_grad()
     def finalize(self) -> None:
         """Mean and whitening from the accumulated moments (float64 Cholesky, once)."""
-        mean, cov = self._moments.mean_cov()
-        self.stats.set(mean, whitening_from_covariance(cov, self.regularization))
+        mean, whitening = self._moments.whitening(self.regularization)
+        self.stats.set(mean, whitening)
         self._moments = StreamingMoments()
         self.fitted.fill_(True)
 
