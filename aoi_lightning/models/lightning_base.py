@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 
 from aoi_lightning.metrics.evaluation import EvaluationCollector, build_metrics_report
-from aoi_lightning.models.components.base import AnomalyTorchModel, NotFittedError
+from aoi_lightning.models.components.base import AnomalyTorchModel, NotFittedError, exact_cuda_math
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ class AnomalyModule(pl.LightningModule):
         self._fit_images = 0
         #: Errors that callbacks report at the end of fit; the CLI raises them once the run's files are written.
         self.deferred_errors: list[Exception] | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
+            exact_cuda_math()
 
     # -- fit ------------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> None:

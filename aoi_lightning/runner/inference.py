@@ -40,6 +40,10 @@ class TorchPredictor:
 
     def __init__(self, model, facts: ModelFacts, run_id: str, device: str = "cpu") -> None:
         self.model = model.eval()
+        if str(device).startswith("cuda"):
+            from aoi_lightning.models.components.base import exact_cuda_math
+
+            exact_cuda_math()
         self.facts = facts
         self.run_id = run_id
         self.device = device

@@ -23,6 +23,13 @@ class InferenceOutput(NamedTuple):
     anomaly_map: torch.Tensor
 
 
+def exact_cuda_math() -> None:
+    """Turn off TF32 in cuDNN convolutions and CUDA matmuls (on by default for convolutions), so that scores on
+    a GPU match CPU and ONNX results to float32 precision and thresholds tuned on one device hold on another."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 class NotFittedError(RuntimeError):
     """The model was used before `fit`."""
 

@@ -55,8 +55,8 @@ class StreamingMoments:
         """Mean (C, P) and whitening W (P, C, C) as float32, inverted in float64 a chunk of positions at a time
         so that the extra memory beyond the accumulators is one float32 copy of W."""
         positions = self.outer.shape[0]
-        mean = torch.empty(self.sum.shape, dtype=torch.float32)
-        out = torch.empty(self.outer.shape, dtype=torch.float32)
+        mean = torch.empty(self.sum.shape, dtype=torch.float32, device=self.sum.device)
+        out = torch.empty(self.outer.shape, dtype=torch.float32, device=self.outer.device)
         for start in range(0, positions, chunk):
             sel = slice(start, min(start + chunk, positions))
             m, cov = self.mean_cov(sel)
