@@ -129,7 +129,41 @@ def run_one(cfg: dict) -> dict:
     out[f"batch{n}_backbone_ms_per_image"] = bb["backbone"] / n
     out[f"batch{n}_ratio"] = bb["model"] / bb["backbone"]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cfg.get("onnx"):
+        out.update(_onnx_latency(model, size, x1, xb, cfg))
     return out
+
+
+def _onnx_latency(model, size: tuple[int, int], x1: torch.Tensor, xb: torch.Tensor, cfg: dict) -> dict:
+    """ONNX Runtime (CPU provider) against torch on the same inputs, timed alternately."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from aoi_lightning.export.onnx_export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, size, Path(tmp) / "model.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = cfg["threads"]
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        a1, ab = x1.numpy(), xb.numpy()
+        with torch.inference_mode():
+            b1 = _interleaved(
+                {"onnx": lambda: session.run(None, {"image": a1}), "torch": lambda: model(x1)}, cfg["repeats"]
+            )
+            bb = _interleaved(
+                {"onnx": lambda: session.run(None, {"image": ab}), "torch": lambda: model(xb)},
+                max(3, cfg["repeats"] // 4),
+                1,
+            )
+    n = xb.shape[0]
+    return {
+        "onnx_batch1_ms": b1["onnx"],
+        "torch_batch1_ms_vs_onnx": b1["torch"],
+        f"onnx_batch{n}_ms_per_image": bb["onnx"] / n,
+        f"torch_batch{n}_ms_per_image_vs_onnx": bb["torch"] / n,
+    }
 
 
 def _child(cfg: dict, queue) -> None:
@@ -165,6 +199,9 @@ def table(rows: list[dict]) -> str:
         ("b32 ratio", "batch32_ratio"),
         ("peak RSS MB", "peak_rss_mb"),
         ("buffers MB", "buffer_mb"),
+        ("onnx b1 ms", "onnx_batch1_ms"),
+        ("torch b1 ms (onnx run)", "torch_batch1_ms_vs_onnx"),
+        ("onnx b32 ms/img", "onnx_batch32_ms_per_image"),
         ("img AUROC", "image_auroc"),
         ("pix AUROC", "pixel_auroc"),
         ("AUPRO", "pixel_aupro"),
@@ -196,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no_onnx", action="store_true", help="skip the ONNX Runtime latency")
     parser.add_argument("--output", default="benchmark.json")
     args = parser.parse_args(argv)
     rows = []
