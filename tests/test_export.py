@@ -16,7 +16,8 @@ from onnx import numpy_helper
 from aoi_lightning.callbacks import OnnxConsistencyCheck, OnnxExport
 from aoi_lightning.cli import main
 from aoi_lightning.export.consistency import ConsistencyFailed, check_consistency
-from aoi_lightning.export.onnx_export import META_FILE, MODEL_FILE, export_onnx, onnx_input_size, sha256_file
+from aoi_lightning.export.onnx_export import META_FILE, MODEL_FILE, export_onnx, onnx_input_size
+from aoi_lightning.models.components.weights import sha256_of
 from aoi_lightning.models.padim.torch_model import PadimModel
 from aoi_lightning.models.patchcore.torch_model import PatchcoreModel
 
@@ -97,7 +98,7 @@ def test_metadata_round_trip(exported):
         assert source["normalization"]["in_graph"] is True
         assert source["normalization"]["mean"] == pytest.approx(model.feature_extractor.mean.flatten().tolist())
         assert source["opset"] == 17 and source["thresholds"] == {"method": "test"}
-    assert meta["sha256"] == sha256_file(path) and meta["size_bytes"] == path.stat().st_size
+    assert meta["sha256"] == sha256_of(path) and meta["size_bytes"] == path.stat().st_size
     assert meta["versions"]["onnxruntime"] and meta["versions"]["torch"]
     assert onnx_input_size(path) == (SIZE, SIZE)
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -114,7 +115,7 @@ def test_large_models_keep_weights_in_external_data(fitted, tmp_path, monkeypatc
     meta = json.loads((path.parent / META_FILE).read_text())
     data = path.parent / meta["external_data"]
     assert data.is_file() and data.stat().st_size > path.stat().st_size
-    assert meta["external_data_sha256"] == sha256_file(data)
+    assert meta["external_data_sha256"] == sha256_of(data)
     result = check_consistency(model, path, _images(2, seed=7), float(model.pixel_threshold))
     assert result["status"] == "PASSED", result["reasons"]
 

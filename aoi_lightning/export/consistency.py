@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from aoi_lightning.export.onnx_export import sha256_file
 from aoi_lightning.models.components.base import AnomalyTorchModel
+from aoi_lightning.models.components.weights import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def check_consistency(
         "torch_device": str(param.device),
         "torch_search": getattr(torch_model, "search", None),
         "onnx_path": str(onnx_path),
-        "onnx_sha256": sha256_file(onnx_path),
+        "onnx_sha256": sha256_of(onnx_path),
         "seconds": {"torch": round(torch_s, 3), "onnx": round(onnx_s, 3)},
     }
     if note:

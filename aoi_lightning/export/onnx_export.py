@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as dt
-import hashlib
 import logging
 import math
 import os
@@ -17,14 +15,15 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 
 import onnx
 import torch
 
 from aoi_lightning.models.components.base import AnomalyTorchModel, InferenceOutput
+from aoi_lightning.models.components.weights import sha256_of
 from aoi_lightning.runs.jsonio import dumps, read_json, write_json
+from aoi_lightning.runs.meta import package_versions, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +39,6 @@ EXTERNAL_DATA_BYTES = 2_000_000_000
 
 class ExportError(ValueError):
     """An export that cannot be made or read; the message says what to do."""
-
-
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -193,8 +176,8 @@ def export_onnx(
             "pixel_threshold": pixel_t,
             "opset": int(opset),
             "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
-            "versions": {name: _version(name) for name in ("aoi-lightning", "torch", "onnx", "onnxruntime", "kornia")},
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "versions": package_versions(),
+            "created_at": utc_now(),
         }
     )
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -223,8 +206,8 @@ def export_onnx(
         info["external_data"] = data_name if external else None
         info["model_file"] = path.name
         info["size_bytes"] = tmp.stat().st_size + ((tmp_dir / data_name).stat().st_size if external else 0)
-        info["sha256"] = sha256_file(tmp)
-        info["external_data_sha256"] = sha256_file(tmp_dir / data_name) if external else None
+        info["sha256"] = sha256_of(tmp)
+        info["external_data_sha256"] = sha256_of(tmp_dir / data_name) if external else None
         if external:
             os.replace(tmp_dir / data_name, path.parent / data_name)
         os.replace(tmp, path)
