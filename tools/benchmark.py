@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": args.threads,
                     "workers": args.workers,
                     "train_images": n_train,
+                    "onnx": not args.no_onnx,
                 }
                 print(f"running {model} ratio={ratio} N={n_train or 'all'} ...", file=sys.stderr, flush=True)
                 rows.append(run_isolated(cfg))
