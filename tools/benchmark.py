@@ -146,6 +146,8 @@ def _onnx_latency(model, size: tuple[int, int], x1: torch.Tensor, xb: torch.Tens
         path = export_onnx(model, size, Path(tmp) / "model.onnx")
         options = ort.SessionOptions()
         options.intra_op_num_threads = cfg["threads"]
+        # no busy-waiting after a run: spinning threads would steal the cores from the torch calls timed in turn
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         a1, ab = x1.numpy(), xb.numpy()
         with torch.inference_mode():
