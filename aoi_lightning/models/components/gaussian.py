@@ -12,7 +12,8 @@ class StreamingMoments:
     Memory is (P, C, C) whatever the number of images. Feed (B, C, P) batches with `update`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, chunk: int = 512) -> None:
+        self.chunk = chunk
         self.count = 0
         self.shift: torch.Tensor | None = None  # (C, P)
         self.sum: torch.Tensor | None = None  # (C, P)
@@ -20,17 +21,20 @@ class StreamingMoments:
 
     def update(self, embeddings: torch.Tensor) -> None:
         """Add a batch of embeddings (B, C, P)."""
-        x = embeddings.detach().to(torch.float64)
+        x = embeddings.detach().to(torch.float64, copy=True)
         if self.shift is None:
             self.shift = x.mean(dim=0)
             channels, positions = self.shift.shape
             self.sum = torch.zeros(channels, positions, dtype=torch.float64, device=x.device)
             self.outer = torch.zeros(positions, channels, channels, dtype=torch.float64, device=x.device)
-        centred = x - self.shift
+        centred = x.sub_(self.shift)  # in place: x is our own float64 copy
         self.sum += centred.sum(dim=0)
-        # (P, C, B) @ (P, B, C) -> (P, C, C): one batched matmul per batch
+        # (P, C, B) @ (P, B, C) -> (P, C, C), a block of positions at a time so that the contiguous copies the
+        # batched matmul needs stay small
         per_pos = centred.permute(2, 1, 0)
-        self.outer.baddbmm_(per_pos, per_pos.transpose(1, 2))
+        for start in range(0, per_pos.shape[0], self.chunk):
+            part = per_pos[start : start + self.chunk].contiguous()
+            self.outer[start : start + self.chunk].baddbmm_(part, part.transpose(1, 2))
         self.count += x.shape[0]
 
     def merge_(self, other_sum: torch.Tensor, other_outer: torch.Tensor, other_count: int) -> None:

@@ -87,8 +87,8 @@ class PadimModel(AnomalyTorchModel):
     def finalize(self) -> None:
         """Mean and whitening from the accumulated moments (float64 Cholesky, once)."""
         mean, whitening = self._moments.whitening(self.regularization)
+        self._moments = StreamingMoments()  # free the float64 accumulators before the buffers are laid out
         self.stats.set(mean, whitening)
-        self._moments = StreamingMoments()
         self.fitted.fill_(True)
 
     def _forward_fitted(self, images: torch.Tensor) -> InferenceOutput:
