@@ -37,7 +37,9 @@ def _user_message(exc: BaseException) -> str:
     chain = [exc]
     while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    root = chain[-1]
+    # the outermost error of this package says what to do; otherwise the root cause says what went wrong
+    ours = [e for e in chain if type(e).__module__.startswith("aoi_lightning")]
+    root = ours[0] if ours else chain[-1]
     text = str(root).strip()
     first = text.splitlines()[0] if text else type(root).__name__
     key = getattr(root, "key", None)

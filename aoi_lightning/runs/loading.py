@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +66,14 @@ def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "c
         raise RunError(f"checkpoint not found: {ckpt_path}; train a run with `aoi fit --config ...`")
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RunError(f"refusing to load {ckpt_path}: not a plain weights-only checkpoint ({first})") from exc
+    except pickle.UnpicklingError as exc:
+        raise RunError(
+            f"refusing to load {ckpt_path}: it holds pickled Python objects beyond plain tensors and containers "
+            "(they could run code); only weights-only checkpoints written by `aoi fit` are accepted"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in many ways
+        first = str(exc).strip().split(". ")[0] if str(exc).strip() else type(exc).__name__
+        raise RunError(f"cannot read {ckpt_path}: truncated or corrupt file ({first})") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise RunError(f"{ckpt_path} is not an AOI model checkpoint")
     hparams = dict(ckpt["hyper_parameters"])
