@@ -92,14 +92,24 @@ class PredictionOutputs:
         self.jsonl_path = self.output_dir / jsonl_name
         self._handle = None
         self.count = 0
+        #: image paths already in preds.jsonl when resuming
+        self.done: set[str] = set()
 
-    def open(self) -> PredictionOutputs:
-        """Create the folders and start an empty JSON Lines file."""
+    def open(self, resume: bool = False) -> PredictionOutputs:
+        """Create the folders and start an empty JSON Lines file; with `resume`, keep the complete lines of an
+        earlier, interrupted run (a torn last line is dropped) and append after them (see `done`)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for sub, wanted in ((MASKS_DIR, self.options.save_masks), (OVERLAYS_DIR, self.options.save_overlays)):
             if wanted:
                 (self.output_dir / sub).mkdir(exist_ok=True)
-        self._handle = open(self.jsonl_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.done = set()
+        if resume and self.jsonl_path.is_file():
+            kept = read_jsonl(self.jsonl_path)
+            write_jsonl(self.jsonl_path, kept)  # atomically drops a torn last line
+            self.done = {str(r.get("image_path")) for r in kept}
+            self.count = len(kept)
+        mode = "a" if resume else "w"
+        self._handle = open(self.jsonl_path, mode, encoding="utf-8")  # noqa: SIM115 - closed in close()
         return self
 
     def close(self) -> None:
@@ -108,7 +118,7 @@ class PredictionOutputs:
             self._handle = None
 
     def __enter__(self) -> PredictionOutputs:
-        return self.open()
+        return self if self._handle is not None else self.open()
 
     def __exit__(self, *exc) -> None:
         self.close()

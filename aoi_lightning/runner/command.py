@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num_workers", type=int, default=0, help="image decoding threads (default 0: main thread)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in OUTPUT_DIR: keep its complete lines, predict only the other images",
+    )
     return parser
 
 
@@ -113,6 +118,7 @@ def main(argv: list[str]) -> int:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         progress=not args.no_progress,
+        resume=args.resume,
     )
     print(
         f"aoi run: {report['num_images']} images ({report['num_ok']} OK, {report['num_ng']} NG), "

@@ -143,6 +143,7 @@ def run_folder(
     batch_size: int = 8,
     num_workers: int = 0,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict:
     """Predict `paths` and write `preds.jsonl` (one flushed line per image), masks, overlays and `report.json`.
 
@@ -155,6 +156,7 @@ def run_folder(
         batch_size: images per forward pass.
         num_workers: decoding threads (0: decode in the main thread).
         progress: show a progress bar.
+        resume: keep the complete lines of an interrupted run in `output_dir` and predict only the rest.
 
     Returns:
         the report (also written to `report.json`), with `images_per_second` of the whole loop added.
@@ -163,12 +165,16 @@ def run_folder(
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     facts = predictor.facts
     outputs = PredictionOutputs(output_dir, facts, options, input_root)
-    bar = _progress(len(paths), progress and len(paths) > 0)
+    outputs.open(resume=resume)
+    todo = [p for p in paths if str(p) not in outputs.done]
+    if outputs.done:
+        log.info("resuming: %d images already in %s, %d to go", len(paths) - len(todo), outputs.jsonl_path, len(todo))
+    bar = _progress(len(todo), progress and len(todo) > 0)
     start = time.perf_counter()
     executor = ThreadPoolExecutor(max_workers=num_workers) if num_workers > 0 else None
     try:
         with outputs:
-            for batch in iter_batches(list(paths), batch_size, facts.input_size, options.save_overlays, executor):
+            for batch in iter_batches(todo, batch_size, facts.input_size, options.save_overlays, executor):
                 good = [item for item in batch if not item.error]
                 scores = maps = None
                 if good:
@@ -192,5 +198,5 @@ def run_folder(
     elapsed = time.perf_counter() - start
     records = read_jsonl(outputs.jsonl_path)
     report = finish_outputs(output_dir, records, facts, predictor.run_id)
-    report["images_per_second"] = len(paths) / elapsed if elapsed > 0 and paths else 0.0
+    report["images_per_second"] = len(todo) / elapsed if elapsed > 0 and todo else 0.0
     return report
