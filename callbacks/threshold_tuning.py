@@ -68,6 +68,7 @@ class ThresholdTuning(pl.Callback):
         # no validation loop ran (val_split: none): quantiles of the training scores
         if pl_module.model.has_thresholds or trainer.state.fn != "fit":
             return
+        pl_module.ensure_fitted()  # callbacks' on_train_end runs before the module's
         info = self._from_train(trainer, pl_module, note="no validation split")
         pl_module.model.set_thresholds(info["image_threshold"], info["pixel_threshold"])
         pl_module.threshold_info = info

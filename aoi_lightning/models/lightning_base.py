@@ -41,6 +41,9 @@ class AnomalyModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
             exact_cuda_math()
+        datamodule = getattr(self.trainer, "datamodule", None) if self.trainer is not None else None
+        if datamodule is not None and getattr(datamodule, "val_split", None):
+            self.split_policy = datamodule.val_split
 
     # -- fit ------------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> None:
@@ -78,9 +81,9 @@ class AnomalyModule(pl.LightningModule):
         return None
 
     def on_train_end(self) -> None:
-        self._ensure_fitted()
+        self.ensure_fitted()
 
-    def _ensure_fitted(self) -> None:
+    def ensure_fitted(self) -> None:
         if self.model.is_fitted and self._fit_images == 0:
             return
         if self._fit_images == 0:
@@ -114,7 +117,7 @@ class AnomalyModule(pl.LightningModule):
         collector.update(batch, out.pred_score, out.anomaly_map, self._thresholds()[1])
 
     def on_validation_start(self) -> None:
-        self._ensure_fitted()
+        self.ensure_fitted()
 
     def on_validation_epoch_start(self) -> None:
         self.val_collector.reset()
@@ -128,7 +131,7 @@ class AnomalyModule(pl.LightningModule):
         self._log_scalars("val", self.val_metrics)
 
     def on_test_start(self) -> None:
-        self._ensure_fitted()
+        self.ensure_fitted()
 
     def on_test_epoch_start(self) -> None:
         self.test_collector.reset()
@@ -149,7 +152,7 @@ class AnomalyModule(pl.LightningModule):
                     self.log(f"{prefix}/{key}", float(value), batch_size=1, sync_dist=False)
 
     def on_predict_start(self) -> None:
-        self._ensure_fitted()
+        self.ensure_fitted()
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         ok = torch.tensor([not e for e in batch["error"]], device=batch["image"].device)
