@@ -261,10 +261,45 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 print(f"running {model} ratio={ratio} N={n_train or 'all'} ...", file=sys.stderr, flush=True)
                 rows.append(run_isolated(cfg))
-    Path(args.output).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    print(table(rows))
-    print(f"\nwritten: {args.output}")
+    output = Path(args.output)
+    output.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    markdown = table(rows)
+    output.with_suffix(".md").write_text(markdown + "\n", encoding="utf-8")
+    print(markdown)
+    written = [str(output), str(output.with_suffix(".md"))]
+    if len(args.train_images) > 1:
+        written.append(str(plot_scaling(rows, output.with_suffix(".png"))))
+    print("\nwritten: " + ", ".join(written))
     return 0
+
+
+def plot_scaling(rows: list[dict], path: Path) -> Path:
+    """Fit time and peak RSS against the number of training images, one line per model/ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            label = r["model"] + (f" {r['coreset_ratio']}" if r.get("coreset_ratio") else "")
+            series.setdefault(label, []).append(r)
+    for label, items in series.items():
+        items = sorted(items, key=lambda r: r["train_images"])
+        n = [r["train_images"] for r in items]
+        axes[0].plot(n, [r["fit_total_s"] for r in items], marker="o", label=label)
+        axes[1].plot(n, [r["peak_rss_mb"] for r in items], marker="o", label=label)
+    for ax, title in zip(axes, ("fit time (s)", "peak RSS (MB)")):
+        ax.set_xlabel("training images")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
