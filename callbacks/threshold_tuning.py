@@ -148,6 +148,7 @@ class ThresholdTuning(pl.Callback):
     ) -> dict:
         datamodule = trainer.datamodule
         records, maxima = score_loader(pl_module.model, datamodule.train_eval_dataloader(), pl_module.device)
+        pl_module.train_records = records  # reused for preds_train.jsonl instead of scoring the images again
         scores = torch.tensor([r["pred_score"] for r in records], dtype=torch.float64)
         if conformal or self.method == "conformal":
             info = self._conformal(scores, torch.tensor(maxima, dtype=torch.float64), "train", len(records), note)

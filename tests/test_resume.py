@@ -27,6 +27,11 @@ def many_images(tiny_mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory)
     return folder
 
 
+def _run_argv(run: Path, images: Path, out: Path, *extra: str) -> list[str]:
+    """argv of `aoi run` over `images` with the run's model into `out`."""
+    return ["run", "--model_dir", str(run), "--input_dir", str(images), "--output_dir", str(out), *extra]
+
+
 def _lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []
 
@@ -38,20 +43,7 @@ def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")
 def test_sigkill_then_resume_gives_every_image_once(patchcore_run: Path, many_images: Path, tmp_path: Path):
     out = tmp_path / "out"
-    args = [
-        "run",
-        "--model_dir",
-        str(patchcore_run),
-        "--input_dir",
-        str(many_images),
-        "--output_dir",
-        str(out),
-        "--batch_size",
-        "1",
-        "--no_progress",
-        "--device",
-        "cpu",
-    ]
+    args = _run_argv(patchcore_run, many_images, out, "--batch_size", "1", "--no_progress", "--device", "cpu")
     proc = subprocess.Popen([sys.executable, "-c", RUN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     preds = out / "preds.jsonl"
     deadline = time.time() + 300
@@ -78,19 +70,7 @@ def test_sigkill_then_resume_gives_every_image_once(patchcore_run: Path, many_im
 
 def test_resume_drops_a_torn_last_line(patchcore_run: Path, many_images: Path, tmp_path: Path):
     out = tmp_path / "out"
-    args = [
-        "run",
-        "--model_dir",
-        str(patchcore_run),
-        "--input_dir",
-        str(many_images),
-        "--output_dir",
-        str(out),
-        "--no_progress",
-        "--no_save_overlays",
-        "--device",
-        "cpu",
-    ]
+    args = _run_argv(patchcore_run, many_images, out, "--no_progress", "--no_save_overlays", "--device", "cpu")
     assert _run(args).returncode == 0
     lines = _lines(out / "preds.jsonl")
     (out / "preds.jsonl").write_text("".join(lines[:40]) + lines[40][:25], encoding="utf-8")  # crash mid-line

@@ -37,6 +37,8 @@ class AnomalyModule(pl.LightningModule):
         self._fit_images = 0
         #: Errors that callbacks report at the end of fit; the CLI raises them once the run's files are written.
         self.deferred_errors: list[Exception] | None = None
+        #: Training-image score records when a callback already computed them after the fit (else None).
+        self.train_records: list[dict] | None = None
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
@@ -52,6 +54,7 @@ class AnomalyModule(pl.LightningModule):
     def on_train_start(self) -> None:
         self.model.eval()
         self._fit_images = 0
+        self.train_records = None
         self.timings["feature_extraction_s"] = 0.0
         self._prepare_fit()
 

@@ -35,7 +35,9 @@ def write_fit_outputs(trainer: Trainer, model: AnomalyModule, datamodule, run: R
     image_t = float(model.model.image_threshold)
     start = time.perf_counter()
     if trainer.is_global_zero:
-        train_records, _ = score_loader(model.model, datamodule.train_eval_dataloader(), model.device)
+        train_records = model.train_records
+        if train_records is None:
+            train_records, _ = score_loader(model.model, datamodule.train_eval_dataloader(), model.device)
         write_jsonl(run.preds("train"), decorate(train_records, image_t))
     timings["score_train_s"] = time.perf_counter() - start
     start = time.perf_counter()
