@@ -10,7 +10,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from aoi_lightning.data.image_io import ImageReadError, is_image_file, read_image, read_mask
+from aoi_lightning.data.image_io import (
+    MAX_PIXELS,
+    ImageReadError,
+    image_header,
+    is_image_file,
+    read_image_with_size,
+    read_mask,
+)
 from aoi_lightning.data.mvtec import DataError, list_images
 
 log = logging.getLogger(__name__)
@@ -43,17 +50,23 @@ class GroupEntry:
 
 
 def inspect_image(path: Path) -> ImageFacts:
-    """Decode once (any depth and channel count) for size and mode; the message of `read_image` on failure."""
+    """Decode once (any depth and channel count) for size and mode; the message of `read_image` on failure.
+    Only images within `MAX_PIXELS` (by their header) are decoded unchanged; larger ones go through the bounded
+    decoding of `read_image_with_size` (mode reported as "RGB 8-bit reduced")."""
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        header = image_header(data) if data.size else None
+        small = header is not None and header[1] * header[2] <= MAX_PIXELS
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if small else None
     except (OSError, cv2.error):
-        image = None
+        small, image = False, None
     if image is None or image.size == 0:
         try:
-            read_image(path)  # for its one-line message (and the formats OpenCV cannot decode unchanged)
+            _, size = read_image_with_size(path)  # its one-line message; bounded for very large images
         except ImageReadError as exc:
             return ImageFacts(path, None, None, str(exc))
+        if not small:
+            return ImageFacts(path, size, "RGB 8-bit reduced")
         return ImageFacts(path, None, None, f"not decodable: {path}")
     channels = 1 if image.ndim == 2 else image.shape[2]
     depth = {np.dtype(np.uint8): "8-bit", np.dtype(np.uint16): "16-bit"}.get(image.dtype, str(image.dtype))

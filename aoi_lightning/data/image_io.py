@@ -8,10 +8,17 @@ import cv2
 import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-#: Images with more pixels than this are decoded reduced (JPEG/PNG/WebP by 2/4/8) or refused.
+#: Largest decoded image kept in memory (pixels); larger images are decoded reduced by 2, 4 or 8, or refused.
 MAX_PIXELS = 64_000_000
+#: Largest image decoded at full size before it is reduced (pixels). Only JPEG decodes directly at a reduced
+#: size; the other formats need the whole image in memory first (3 bytes a pixel), so this bounds that memory.
+MAX_DECODE_PIXELS = 256_000_000
 #: Files larger than this are refused before decoding.
 MAX_FILE_BYTES = 512 * 1024 * 1024
+
+_REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+#: JPEG start-of-frame markers (they carry the image size).
+_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
 
 
 class ImageReadError(ValueError):
@@ -23,29 +30,121 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files of a folder in sorted order (hidden files skipped)."""
+    """Image files of a folder in sorted order (hidden files skipped).
+
+    Symbolic links are listed under their own name: a link to a file anywhere is read as that file, and a
+    broken link is listed too (it then fails to open with a clear message rather than vanishing). Linked
+    folders are not descended into.
+    """
     pattern = "**/*" if recursive else "*"
     return sorted(
-        p for p in Path(folder).glob(pattern) if p.is_file() and is_image_file(p) and not p.name.startswith(".")
+        p
+        for p in Path(folder).glob(pattern)
+        if is_image_file(p) and not p.name.startswith(".") and (p.is_file() or (p.is_symlink() and not p.exists()))
     )
 
 
-def _header_size(data: np.ndarray) -> tuple[int, int] | None:
-    """(height, width) from PNG/JPEG headers without decoding pixels; None when unknown."""
-    raw = data.tobytes()[:65536]
-    if raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) >= 24:
-        return int.from_bytes(raw[20:24], "big"), int.from_bytes(raw[16:20], "big")
-    if raw[:2] == b"\xff\xd8":
-        pos = 2
-        while pos + 9 < len(raw):
-            if raw[pos] != 0xFF:
-                pos += 1
-                continue
-            marker = raw[pos + 1]
-            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-                return int.from_bytes(raw[pos + 5 : pos + 7], "big"), int.from_bytes(raw[pos + 7 : pos + 9], "big")
-            pos += 2 + int.from_bytes(raw[pos + 2 : pos + 4], "big")
+def _u16(raw: memoryview, pos: int, order: str) -> int:
+    return int.from_bytes(raw[pos : pos + 2], order)
+
+
+def _u32(raw: memoryview, pos: int, order: str) -> int:
+    return int.from_bytes(raw[pos : pos + 4], order)
+
+
+def _jpeg_size(raw: memoryview) -> tuple[int, int] | None:
+    """(height, width) from the start-of-frame segment; segments are skipped by their lengths (no pixel data read)."""
+    pos, end = 2, len(raw)
+    while pos + 4 <= end:
+        if raw[pos] != 0xFF:
+            return None  # not at a marker: malformed
+        marker = raw[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _SOF_MARKERS:
+            if pos + 9 > end:
+                return None
+            return _u16(raw, pos + 5, "big"), _u16(raw, pos + 7, "big")
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        pos += 2 + _u16(raw, pos + 2, "big")
     return None
+
+
+def _tiff_size(raw: memoryview) -> tuple[int, int] | None:
+    """(height, width) from the first IFD of a classic or BigTIFF file."""
+    order = "little" if bytes(raw[:2]) == b"II" else "big"
+    big = _u16(raw, 2, order) == 43
+    count_size, entry_size, offset_size = (8, 20, 8) if big else (2, 12, 4)
+    ifd = int.from_bytes(raw[8:16] if big else raw[4:8], order)
+    if ifd + count_size > len(raw):
+        return None
+    count = int.from_bytes(raw[ifd : ifd + count_size], order)
+    found: dict[int, int] = {}
+    for k in range(min(count, 4096)):
+        entry = ifd + count_size + k * entry_size
+        if entry + entry_size > len(raw):
+            break
+        tag, kind = _u16(raw, entry, order), _u16(raw, entry + 2, order)
+        if tag in (256, 257):
+            value = entry + 4 + offset_size  # the value sits in the entry (one SHORT, LONG or LONG8)
+            width = {3: 2, 4: 4, 16: 8}.get(kind)
+            if width is None:
+                return None
+            found[tag] = int.from_bytes(raw[value : value + width], order)
+    if 256 in found and 257 in found:
+        return found[257], found[256]
+    return None
+
+
+def _webp_size(raw: memoryview) -> tuple[int, int] | None:
+    chunk = bytes(raw[12:16])
+    if chunk == b"VP8 " and len(raw) >= 30 and bytes(raw[23:26]) == b"\x9d\x01\x2a":
+        return _u16(raw, 28, "little") & 0x3FFF, _u16(raw, 26, "little") & 0x3FFF
+    if chunk == b"VP8L" and len(raw) >= 25 and raw[20] == 0x2F:
+        bits = _u32(raw, 21, "little")
+        return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(raw) >= 30:
+        return int.from_bytes(raw[27:30], "little") + 1, int.from_bytes(raw[24:27], "little") + 1
+    return None
+
+
+def _jpeg_complete(data: np.ndarray) -> bool:
+    """True when an end-of-image marker follows the last start-of-scan (inside scan data 0xFF is always
+    escaped, so neither marker can occur there): a cut-off JPEG fails this however far it got. Some decoders
+    return such a file grey-filled instead of failing; this makes the outcome the same everywhere."""
+    raw = data.tobytes()
+    return raw.rfind(b"\xff\xd9") > raw.rfind(b"\xff\xda") >= 0
+
+
+def image_header(data: np.ndarray | bytes) -> tuple[str, int, int] | None:
+    """(format, height, width) of an encoded PNG, JPEG, BMP, TIFF or WebP image from its header alone (as
+    stored, before any EXIF rotation); None for any other content. No pixel data is decoded."""
+    raw = memoryview(data).cast("B")
+    head = bytes(raw[:16])
+    size: tuple[int, int] | None = None
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) >= 24 and bytes(raw[12:16]) == b"IHDR":
+        return "png", _u32(raw, 20, "big"), _u32(raw, 16, "big")
+    if head[:3] == b"\xff\xd8\xff":
+        fmt, size = "jpeg", _jpeg_size(raw)
+    elif head[:2] == b"BM" and len(raw) >= 26:
+        fmt = "bmp"
+        if _u32(raw, 14, "little") == 12:  # OS/2 core header: 16-bit sizes
+            size = _u16(raw, 20, "little"), _u16(raw, 18, "little")
+        else:  # a negative height means top-down rows
+            height = int.from_bytes(raw[22:26], "little", signed=True)
+            size = abs(height), int.from_bytes(raw[18:22], "little", signed=True)
+    elif head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") and len(raw) >= 16:
+        fmt, size = "tiff", _tiff_size(raw)
+    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        fmt, size = "webp", _webp_size(raw)
+    if size is None:
+        return None
+    return fmt, size[0], size[1]
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -62,50 +161,91 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return ((image.astype(np.float64) - info.min) / (info.max - info.min) * 255).astype(np.uint8)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to RGB uint8 (H, W, 3).
+def _reduction(fmt: str, height: int, width: int, path: Path) -> int:
+    """1 (full size) or the factor 2, 4 or 8 an image is decoded reduced by; ImageReadError when too large."""
+    pixels = height * width
+    if pixels <= MAX_PIXELS:
+        return 1
+    too_large = ImageReadError(f"image too large ({width}x{height} pixels): {path}")
+    factor = next((f for f in (2, 4, 8) if pixels / f**2 <= MAX_PIXELS), None)
+    if factor is None or (fmt != "jpeg" and pixels > MAX_DECODE_PIXELS):
+        raise too_large
+    return factor
 
-    Grey is replicated, alpha dropped, 16-bit scaled to 8-bit, EXIF orientation applied (JPEG). Very large
-    images are decoded at a reduced size where the format allows it, else refused.
+
+def _original_size(decoded: tuple[int, int], stored: tuple[int, int], factor: int) -> tuple[int, int]:
+    """(h, w) of the full-size image: the decoded size when not reduced; else the stored size, turned when
+    the decoder applied an EXIF rotation of 90 or 270 degrees."""
+    if factor == 1:
+        return decoded
+    h, w = stored
+    upright = {(h // factor, w // factor), (-(-h // factor), -(-w // factor))}
+    turned = {(w // factor, h // factor), (-(-w // factor), -(-h // factor))}
+    return (w, h) if decoded in turned and decoded not in upright else (h, w)
+
+
+def read_image_with_size(path: str | Path) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode an image file to RGB uint8 (h', w', 3) and give the (h, w) of the full-size image.
+
+    Grey is replicated, alpha dropped, palette and 1/2/4-bit images expanded, 16-bit scaled to 8-bit, EXIF
+    orientation applied. An image over `MAX_PIXELS` is decoded reduced by 2, 4 or 8 (JPEG directly; other
+    formats only up to `MAX_DECODE_PIXELS`, since they are decoded whole first), so (h', w') can be smaller
+    than (h, w); anything larger is refused before decoding. Only PNG, JPEG, BMP, TIFF and WebP content is
+    decoded, whatever the file name says.
 
     Raises:
-        ImageReadError: unreadable, truncated, empty or non-image file.
+        ImageReadError: unreadable, truncated, empty, too large or non-image file.
     """
     path = Path(path)
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise ImageReadError(f"cannot open {path}: {exc.strerror}") from exc
+        raise ImageReadError(f"cannot open {path}: {exc.strerror or exc}") from exc
     if size == 0:
         raise ImageReadError(f"empty file: {path}")
     if size > MAX_FILE_BYTES:
         raise ImageReadError(f"file too large ({size} bytes > {MAX_FILE_BYTES}): {path}")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
-    dims = _header_size(data)
-    if dims is not None and dims[0] * dims[1] > MAX_PIXELS:
-        factor = 2
-        while dims[0] * dims[1] / factor**2 > MAX_PIXELS and factor < 8:
-            factor *= 2
-        if dims[0] * dims[1] / factor**2 > MAX_PIXELS:
-            raise ImageReadError(f"image too large ({dims[1]}x{dims[0]} pixels): {path}")
-        flags = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}[factor]
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise ImageReadError(f"cannot open {path}: {exc.strerror or exc}") from exc
+    header = image_header(data)
+    if header is None or header[1] <= 0 or header[2] <= 0:
+        raise ImageReadError(f"not a readable image (unknown format, truncated or corrupt): {path}")
+    fmt, height, width = header
+    if fmt == "jpeg" and not _jpeg_complete(data):
+        raise ImageReadError(f"truncated JPEG (the file ends before its end-of-image marker): {path}")
+    factor = _reduction(fmt, height, width, path)
+    flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR if factor == 1 else _REDUCED_FLAGS[factor]
     try:
         image = cv2.imdecode(data, flags)
     except cv2.error as exc:
         raise ImageReadError(f"cannot decode {path}: {str(exc).strip().splitlines()[-1]}") from exc
+    del data
     if image is None or image.size == 0:
         raise ImageReadError(f"not a readable image (unknown format, truncated or corrupt): {path}")
     if image.shape[0] * image.shape[1] > MAX_PIXELS:
         raise ImageReadError(f"image too large ({image.shape[1]}x{image.shape[0]} pixels): {path}")
+    original = _original_size(image.shape[:2], (height, width), factor)
     image = _to_uint8(image)
     if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    if image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    if image.shape[2] == 1:
-        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    elif image.shape[2] == 4:
+        rgb = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    elif image.shape[2] == 1:
+        rgb = cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
+    else:
+        rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return rgb, original
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to RGB uint8 (H, W, 3); see `read_image_with_size` (very large images come reduced).
+
+    Raises:
+        ImageReadError: unreadable, truncated, empty, too large or non-image file.
+    """
+    return read_image_with_size(path)[0]
 
 
 def read_mask(path: str | Path) -> np.ndarray:

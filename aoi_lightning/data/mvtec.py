@@ -15,7 +15,7 @@ from aoi_lightning.data.image_io import (  # noqa: F401 - list_images is part of
     ImageReadError,
     is_image_file,
     list_images,
-    read_image,
+    read_image_with_size,
     read_mask,
     resize_image,
     resize_mask,
@@ -158,8 +158,7 @@ class AnomalyDataset(Dataset):
         error = ""
         original = (0, 0)
         try:
-            img = read_image(s.image_path)
-            original = img.shape[:2]
+            img, original = read_image_with_size(s.image_path)
             img = resize_image(img, (h, w))
         except ImageReadError as exc:
             error = str(exc)

@@ -6,6 +6,7 @@ A run directory (or a copy of just its `export/` folder) is enough for the line 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from aoi_lightning.postprocess.outputs import ModelFacts
 EXPORT_DIR = "export"
 ONNX_FILE = "model.onnx"
 META_FILE = "export_meta.json"
+THRESHOLDS_FILE = "thresholds.json"
 
 
 class OnnxRunError(ValueError):
@@ -25,6 +27,28 @@ def _export_dir(model_dir: Path) -> Path:
     if (model_dir / ONNX_FILE).is_file():
         return model_dir
     return model_dir / EXPORT_DIR
+
+
+def _check_run_thresholds(thresholds_path: Path, meta_path: Path, exported: dict[str, float]) -> None:
+    """An export whose thresholds differ from the run's thresholds.json is stale (the run was refit or the
+    file edited after `aoi export`): an error, never a silent choice between the two."""
+    if not thresholds_path.is_file():
+        return  # a copy of just the export folder
+    try:
+        on_disk = json.loads(thresholds_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise OnnxRunError(f"cannot read {thresholds_path}: {str(exc).splitlines()[0]}") from exc
+    for key, value in exported.items():
+        found = on_disk.get(key) if isinstance(on_disk, dict) else None
+        try:
+            same = found is not None and math.isclose(float(found), value, rel_tol=1e-5, abs_tol=1e-7)
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise OnnxRunError(
+                f"{thresholds_path}: {key} {found} differs from the export's {value:.8g} ({meta_path}): the export "
+                f"is stale or the file was edited; re-export with `aoi export --run_dir {thresholds_path.parent}`"
+            )
 
 
 class OnnxPredictor:
@@ -61,6 +85,9 @@ class OnnxPredictor:
             image_t, pixel_t = float(thresholds["image_threshold"]), float(thresholds["pixel_threshold"])
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise OnnxRunError(f"{meta_path} is not a valid export_meta.json ({type(exc).__name__}: {exc})") from exc
+        _check_run_thresholds(
+            model_dir / THRESHOLDS_FILE, meta_path, {"image_threshold": image_t, "pixel_threshold": pixel_t}
+        )
         options = ort.SessionOptions()
         if threads > 0:
             options.intra_op_num_threads = threads

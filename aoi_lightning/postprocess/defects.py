@@ -22,6 +22,20 @@ def _component_values(labels: np.ndarray, values: np.ndarray, n: int) -> tuple[n
     return maxima, sums / np.maximum(counts, 1)
 
 
+def scale_bbox(bbox: list[int], size: tuple[int, int], to_size: tuple[int, int]) -> list[int]:
+    """An inclusive pixel box [x_min, y_min, x_max, y_max] of an (H, W) grid mapped onto an (h, w) grid so that
+    it covers the same pixel edges: [floor(x_min * sx), floor(y_min * sy), ceil((x_max + 1) * sx) - 1, ...],
+    clipped; exact integer arithmetic."""
+    height, width = int(size[0]), int(size[1])
+    oh, ow = int(to_size[0]), int(to_size[1])
+    return [
+        min(bbox[0] * ow // width, ow - 1),
+        min(bbox[1] * oh // height, oh - 1),
+        max(min(-(-(bbox[2] + 1) * ow // width) - 1, ow - 1), 0),
+        max(min(-(-(bbox[3] + 1) * oh // height) - 1, oh - 1), 0),
+    ]
+
+
 def extract_defects(
     anomaly_map: np.ndarray,
     pixel_threshold: float,
@@ -87,13 +101,7 @@ def extract_defects(
         area = int(stats[i, cv2.CC_STAT_AREA])
         cx, cy = float(centroids[i, 0]), float(centroids[i, 1])
         bbox = [x, y, x + w - 1, y + h - 1]
-        # exact integer arithmetic: pixel edges x * ow / width
-        bbox_original = [
-            min(bbox[0] * ow // width, ow - 1),
-            min(bbox[1] * oh // height, oh - 1),
-            max(min(-(-(bbox[2] + 1) * ow // width) - 1, ow - 1), 0),
-            max(min(-(-(bbox[3] + 1) * oh // height) - 1, oh - 1), 0),
-        ]
+        bbox_original = scale_bbox(bbox, (height, width), (oh, ow))
         defects.append(
             {
                 "component_id": cid,

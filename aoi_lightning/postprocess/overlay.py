@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from aoi_lightning.postprocess.defects import scale_bbox
 from aoi_lightning.runs.jsonio import write_bytes_atomic
 
 OK_COLOR = (0, 200, 0)  # BGR
@@ -63,13 +64,14 @@ def render_overlay(
     image_threshold: float,
     pixel_threshold: float,
 ) -> np.ndarray:
-    """Overlay picture at the original image size.
+    """Overlay picture at the size of `image_rgb` (the original image, or its reduced decoding when very large).
 
     Args:
         image_rgb: (h, w, 3) uint8 original image.
         anomaly_map: (H, W) anomaly map at the model's resolution.
         mask: (H, W) binary defect mask at the model's resolution.
-        defects: defect dicts of `extract_defects` (their `bbox_original` boxes are drawn).
+        defects: defect dicts of `extract_defects` (their model-resolution `bbox` boxes are drawn, mapped onto
+            the picture; the same boxes as `bbox_original` when the picture has the original size).
         pred_score: image score; NG when `pred_score >= image_threshold`.
         image_threshold: image threshold.
         pixel_threshold: effective pixel threshold (colour scale, see `heat_colors`).
@@ -87,8 +89,9 @@ def render_overlay(
         big_mask = cv2.resize(big_mask, (w, h), interpolation=cv2.INTER_NEAREST)
     contours, _ = cv2.findContours(big_mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(out, contours, -1, CONTOUR_COLOR, line, cv2.LINE_AA)
+    grid = np.asarray(anomaly_map).shape[-2:]
     for d in defects:
-        x0, y0, x1, y1 = d.get("bbox_original", d["bbox"])
+        x0, y0, x1, y1 = scale_bbox(d["bbox"], grid, (h, w))
         cv2.rectangle(out, (int(x0), int(y0)), (int(x1), int(y1)), BOX_COLOR, line)
 
     is_ng = float(pred_score) >= float(image_threshold)

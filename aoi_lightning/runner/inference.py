@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from aoi_lightning.data.image_io import ImageReadError, read_image, resize_image
+from aoi_lightning.data.image_io import ImageReadError, read_image_with_size, resize_image
 from aoi_lightning.postprocess.outputs import ModelFacts, OutputOptions, PredictionOutputs, finish_outputs
 from aoi_lightning.runs.jsonio import read_jsonl
 
@@ -88,7 +88,8 @@ def resolve_device(device: str) -> str:
 
 @dataclass
 class LoadedImage:
-    """One decoded input: the original (h, w, 3) RGB image (when kept), the model input (3, H, W), or an error."""
+    """One decoded input: the (h, w) of the original, its decoded RGB image (when kept; reduced for very large
+    images), the model input (3, H, W), or an error."""
 
     path: Path
     original_size: tuple[int, int] = (0, 0)
@@ -98,14 +99,14 @@ class LoadedImage:
 
 
 def load_image(path: Path, size: tuple[int, int], keep_original: bool) -> LoadedImage:
-    """Decode and resize like the training data (`read_image`, `resize_image`, /255)."""
+    """Decode and resize like the training data (`read_image_with_size`, `resize_image`, /255)."""
     try:
-        image = read_image(path)
+        image, original_size = read_image_with_size(path)
     except ImageReadError as exc:
         return LoadedImage(path, error=str(exc))
     small = resize_image(image, size)
     model_input = np.ascontiguousarray(small.transpose(2, 0, 1)).astype(np.float32) / np.float32(255.0)
-    return LoadedImage(path, image.shape[:2], image if keep_original else None, model_input)
+    return LoadedImage(path, original_size, image if keep_original else None, model_input)
 
 
 def iter_batches(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import json
+import math
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,14 +61,20 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
     return RunInfo(run, class_path.rsplit(".", 1)[-1].lower(), str(data_cfg.get("category", "")), size, config)
 
 
-def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> AnomalyModule:
-    """Build the model a checkpoint names and load its fitted state. Loads with `weights_only=True`:
-    a checkpoint that carries pickled code is refused, never executed."""
+def read_checkpoint(ckpt_path: str | Path, mmap: bool = False) -> dict:
+    """The content of an AOI checkpoint, loaded with `weights_only=True`: a checkpoint that carries pickled
+    code is refused, never executed. With `mmap` the tensors are mapped, not read (cheap for a look at the
+    hyper-parameters).
+
+    Raises:
+        RunError: missing, pickled-code, truncated or corrupt file, or not an AOI model checkpoint.
+    """
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise RunError(f"checkpoint not found: {ckpt_path}; train a run with `aoi fit --config ...`")
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        # mapping needs the zip format of torch.save; any other file is read (and judged) the plain way
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(ckpt_path))
     except pickle.UnpicklingError as exc:
         raise RunError(
             f"refusing to load {ckpt_path}: it holds pickled Python objects beyond plain tensors and containers "
@@ -76,8 +85,51 @@ def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "c
         raise RunError(f"cannot read {ckpt_path}: truncated or corrupt file ({first})") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise RunError(f"{ckpt_path} is not an AOI model checkpoint")
+    return ckpt
+
+
+def checkpoint_model_class(ckpt: dict) -> str:
+    """The class path a checkpoint names (`aoi_lightning.models.Padim` ...), as stored."""
+    hparams = ckpt.get("hyper_parameters") or {}
+    return str(hparams.get("_class_path", "") or ckpt.get("hparams_name", ""))
+
+
+def _model_label(class_path: str) -> str:
+    return class_path.rsplit(".", 1)[-1].rsplit(":", 1)[-1] or "unknown"
+
+
+def check_checkpoint_for_config(ckpt_path: str | Path, config_class_path: str, config_name: str = "the config") -> None:
+    """Checks of a checkpoint before LightningCLI uses it (tensors mapped, not read): refuse an unsafe or
+    damaged file, a checkpoint of another model than the config builds (e.g. a PaDiM checkpoint for a
+    PatchCore config; model classes this package does not know are not compared), and, for a checkpoint at
+    `<run>/weights/model.ckpt`, a `<run>/thresholds.json` that disagrees with its thresholds.
+
+    Raises:
+        RunError: with a one-line message naming the file.
+    """
+    ckpt = read_checkpoint(ckpt_path, mmap=True)
+    want = MODEL_CLASSES.get(str(config_class_path))
+    have = MODEL_CLASSES.get(checkpoint_model_class(ckpt))
+    if want is not None and have is not None and want != have:
+        raise RunError(
+            f"{ckpt_path} holds a {_model_label(have)} model, but {config_name} builds {_model_label(want)}: "
+            "use the config.yaml of the checkpoint's own run"
+        )
+    run = RunDir.from_checkpoint(ckpt_path)
+    state = ckpt.get("state_dict") or {}
+    keys = ("image_threshold", "pixel_threshold")
+    if run is not None and all(f"model.{k}" in state for k in keys):
+        check_thresholds_file({k: float(state[f"model.{k}"]) for k in keys}, run)
+
+
+def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> AnomalyModule:
+    """Build the model a checkpoint names and load its fitted state. Loads with `weights_only=True`:
+    a checkpoint that carries pickled code is refused, never executed."""
+    ckpt_path = Path(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path)
     hparams = dict(ckpt["hyper_parameters"])
-    class_path = str(hparams.pop("_class_path", "") or ckpt.get("hparams_name", ""))
+    class_path = checkpoint_model_class(ckpt)
+    hparams.pop("_class_path", None)
     hparams.pop("_instantiator", None)
     target = MODEL_CLASSES.get(class_path)
     if target is None:
@@ -102,15 +154,61 @@ def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "c
     return model.to(device).eval()
 
 
+def check_thresholds_file(thresholds: dict[str, float], run: RunDir) -> None:
+    """The checkpoint's threshold buffers (`thresholds`: image_threshold, pixel_threshold) are what the model
+    uses; a `thresholds.json` beside it that says otherwise (edited, or from another fit) is an error rather
+    than a silent choice. No file, or a checkpoint without thresholds: nothing to check.
+
+    Raises:
+        RunError: unreadable thresholds.json, or a threshold in it that differs from the checkpoint's.
+    """
+    path = run.thresholds
+    if not path.is_file() or not all(math.isfinite(v) for v in thresholds.values()):
+        return
+    try:
+        on_disk = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RunError(f"cannot read {path}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(on_disk, dict):
+        raise RunError(f"{path} is not a thresholds file (expected a JSON object)")
+    for key, model_value in thresholds.items():
+        value = on_disk.get(key)
+        try:
+            same = value is not None and math.isclose(float(value), model_value, rel_tol=1e-5, abs_tol=1e-7)
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise RunError(
+                f"{path}: {key} {value} does not match the checkpoint's {model_value:.8g} ({run.checkpoint}); "
+                "the checkpoint's thresholds are the model's: restore the thresholds.json of this fit or refit, "
+                "and set the defect sensitivity with --pixel_threshold_mult, not by editing the file"
+            )
+
+
 def load_run_model(
     run_dir: str | Path, device: str | torch.device = "cpu", require_thresholds: bool = True
 ) -> tuple[AnomalyModule, RunInfo]:
-    """Model and facts of a run directory; with `require_thresholds`, a run without tuned thresholds is an error."""
+    """Model and facts of a run directory; with `require_thresholds`, a run without tuned thresholds, or with a
+    thresholds.json that disagrees with the checkpoint, is an error.
+
+    Raises:
+        RunError: missing run or checkpoint, a checkpoint of another model than config.yaml names, no thresholds.
+    """
     info = read_run_info(run_dir)
     model = load_checkpoint_model(info.run.checkpoint, device)
+    want = MODEL_CLASSES.get(str((info.config.get("model") or {}).get("class_path", "")))
+    have = MODEL_CLASSES.get(type(model).__module__ + "." + type(model).__name__)
+    if want is not None and have is not None and want != have:
+        raise RunError(
+            f"{info.run.checkpoint} holds a {_model_label(have)} model, but {info.run.config} names "
+            f"{_model_label(want)}: the checkpoint belongs to another run"
+        )
     if require_thresholds and not model.model.has_thresholds:
         raise RunError(
             f"{info.run.path} has no thresholds: fit it with the ThresholdTuning callback "
             "(e.g. `aoi fit --config experiments/patchcore_mvtec.yaml`), which writes thresholds.json"
         )
+    if require_thresholds:
+        keys = ("image_threshold", "pixel_threshold")
+        check_thresholds_file({k: float(getattr(model.model, k)) for k in keys}, info.run)
     return model, info
