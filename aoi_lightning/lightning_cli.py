@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from aoi_lightning.data.datamodule import MVTecDataModule
+from aoi_lightning.distributed import resolve_strategy
 from aoi_lightning.models.lightning_base import AnomalyModule
 from aoi_lightning.runs.artifacts import write_eval_outputs, write_fit_outputs
 from aoi_lightning.runs.jsonio import write_text_atomic
@@ -74,12 +76,29 @@ class AoiCLI(LightningCLI):
         )
         parser.add_argument("--runs_root", type=str, default="runs", help="Folder that holds the run directories.")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI next takes the model's hyper-parameters from --ckpt_path, silently replacing the model
+        # class of the config: a checkpoint of another model, an unsafe or damaged file, or one whose run's
+        # thresholds.json disagrees with it is refused first, with one line.
+        subcommand = self.config.get("subcommand")
+        if subcommand and subcommand != "fit":
+            cfg = self.config[subcommand]
+            ckpt = cfg.get("ckpt_path")
+            if ckpt and Path(ckpt).is_file():
+                from aoi_lightning.runs.loading import check_checkpoint_for_config
+
+                check_checkpoint_for_config(ckpt, str(cfg.model.class_path), "the config (--config / --model)")
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
         model_name = str(cfg.model.class_path).rsplit(".", 1)[-1].lower()
         ckpt = cfg.get("ckpt_path")
-        run_id = cfg.get("run_id") or new_run_id()
+        # processes that Lightning launches for DDP re-run this command: they take the launcher's run folder
+        inherited = os.environ.get("AOI_RUN_ID") if os.environ.get("LOCAL_RANK", "0") != "0" else None
+        run_id = cfg.get("run_id") or inherited or new_run_id()
         cfg.run_id = run_id
+        os.environ["AOI_RUN_ID"] = run_id
         run = RunDir.from_checkpoint(ckpt) if ckpt and self.subcommand != "fit" else None
         if run is None:
             run = RunDir.create(cfg.runs_root, model_name, cfg.data.category, run_id)
@@ -91,6 +110,11 @@ class AoiCLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.CSVLogger",
                 init_args=Namespace(save_dir=str(run.path), name="logs", version=f"{self.subcommand}-{run_id}"),
             )
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        cfg = self._get(self.config_init, "trainer", default={})
+        kwargs["strategy"] = resolve_strategy(cfg.get("strategy", "auto"), cfg.get("devices"), cfg.get("num_nodes"))
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         self._timings["fit_start"] = time.perf_counter()

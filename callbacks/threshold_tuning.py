@@ -76,7 +76,7 @@ class ThresholdTuning(pl.Callback):
             write_json(Path(trainer.default_root_dir) / "thresholds.json", info)
 
     def tune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
-        collector = pl_module.val_collector
+        collector = pl_module.synced_collector("val")  # the whole split under DDP
         recs = [r for r in collector.records if r["gt_label"] is not None]
         if not recs:
             return self._from_train(trainer, pl_module, note="validation split has no labelled images")

@@ -11,6 +11,7 @@ from aoi_lightning.models.components.gaussian import (
     GaussianStats,
     StreamingMoments,
     mahalanobis,
+    panel_bounds,
     whitening_from_covariance,
 )
 
@@ -103,21 +104,43 @@ def test_mahalanobis_matches_scipy() -> None:
             assert dist[b, p] == pytest.approx(expected, rel=1e-9)
 
 
-def test_gaussian_stats_module_float32_close_to_float64() -> None:
+@pytest.mark.parametrize("panels", [1, 2, 3, 4, 7])
+def test_gaussian_stats_module_float32_close_to_float64(panels: int) -> None:
     rng = np.random.default_rng(4)
-    train = _random_embeddings(rng, n=30, channels=4, positions=3, offset=0.0)
+    channels, positions = 7, 3
+    train = _random_embeddings(rng, n=30, channels=channels, positions=positions, offset=0.0)
     moments = _feed(train, [30])
     mean, cov = moments.mean_cov()
     w = whitening_from_covariance(cov, 0.01)
-    stats = GaussianStats()
+    stats = GaussianStats(panels=panels)
     stats.set(mean, w)
-    assert all(t.dtype == torch.float32 for t in stats.state_dict().values())
-    assert set(stats.state_dict()) == {"mean", "wt_top", "wt_bottom"}
-    # the zero block of the triangular factor is not stored: 3/4 of C x C (C = 4: 2x4 + 2x2 = 12 of 16)
-    assert stats.wt_top.shape[1:] == (2, 4) and stats.wt_bottom.shape[1:] == (2, 2)
+    state = stats.state_dict()
+    assert set(state) == {"mean", "wt_panels", "bounds"}
+    assert state["mean"].dtype == state["wt_panels"].dtype == torch.float32
+    # the zero blocks below the row panels are not stored: sum over panels of rows x (C - first column)
+    bounds = panel_bounds(channels, panels)
+    assert stats.bounds.tolist() == bounds and bounds[0] == 0 and bounds[-1] == channels
+    stored = sum((b - a) * (channels - a) for a, b in zip(bounds[:-1], bounds[1:]))
+    assert stats.wt_panels.numel() == stored * positions
+    if panels == channels:  # one row per panel: exactly the upper triangle
+        assert stored == channels * (channels + 1) // 2
     q = torch.from_numpy(train[:5]).float()
     expected = mahalanobis(q.double(), mean, w.transpose(1, 2)).numpy()
     np.testing.assert_allclose(stats(q).numpy(), expected, rtol=1e-4, atol=1e-4)
+    # a fresh module takes the fitted shapes from a state dict
+    loaded = GaussianStats(panels=1)
+    loaded.load_state_dict(state)
+    np.testing.assert_array_equal(loaded(q).numpy(), stats(q).numpy())
+
+
+def test_gaussian_stats_refuses_inconsistent_panels() -> None:
+    stats = GaussianStats(panels=2)
+    mean = torch.zeros(4, 3, dtype=torch.float64)
+    stats.set(mean, torch.eye(4, dtype=torch.float64).expand(3, 4, 4))
+    state = stats.state_dict()
+    state["wt_panels"] = state["wt_panels"][:-1]
+    with pytest.raises(RuntimeError, match="do not match the panel bounds"):
+        GaussianStats().load_state_dict(state)
 
 
 def test_fit_on_x_score_x_mean_squared_distance_is_exact() -> None:

@@ -97,11 +97,20 @@ class MVTecDataModule(pl.LightningDataModule):
             train, test, self.val_split, self.val_fraction, self.calibration_fraction, self.seed
         )
 
-    def _loader(self, samples: list[Sample], batch_size: int) -> DataLoader:
+    def _loader(self, samples: list[Sample], batch_size: int, shard: bool = True) -> DataLoader:
+        """A loader in data order; under DDP (`shard`) each rank reads its own contiguous, unpadded shard."""
+        dataset = AnomalyDataset(samples, self.image_size)
+        sampler = None
+        trainer = self.trainer
+        if shard and trainer is not None and trainer.world_size > 1:
+            from aoi_lightning.distributed import ShardSampler
+
+            sampler = ShardSampler(dataset, trainer.world_size, trainer.global_rank)
         return DataLoader(
-            AnomalyDataset(samples, self.image_size),
+            dataset,
             batch_size=batch_size,
             shuffle=False,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=False,
         )
@@ -128,7 +137,7 @@ class MVTecDataModule(pl.LightningDataModule):
 
     def train_eval_dataloader(self) -> DataLoader:
         """The training images for scoring (preds_train.jsonl, quantile thresholds)."""
-        return self._loader(self.train_samples, self.eval_batch_size)
+        return self._loader(self.train_samples, self.eval_batch_size, shard=False)
 
     def summary(self) -> dict:
         """Data facts for meta.json."""

@@ -68,6 +68,16 @@ class EvaluationCollector:
                 counts[1] += float((pred & ~mask).sum())
                 counts[2] += float((~pred & mask).sum())
 
+    def merge_from(self, others: list[EvaluationCollector]) -> None:
+        """Append the records, histograms and confusion counts of `others` (in their order)."""
+        for other in others:
+            self.records.extend(other.records)
+            for group, counts in other.confusion.items():
+                mine = self.confusion.setdefault(group, [0.0, 0.0, 0.0])
+                for k in range(3):
+                    mine[k] += counts[k]
+        self.hist.merge_from([o.hist for o in others])
+
     def select(self, splits: tuple[str, ...], defect_types: tuple[str, ...] | None = None) -> list[dict]:
         return [
             r

@@ -74,8 +74,16 @@ class PixelHistograms:
         if self.exponent is None:
             self.exponent = needed
             return
-        if needed <= self.exponent:
+        self.rebin(needed)
+
+    def rebin(self, exponent: int) -> None:
+        """Widen the bins to 2**exponent (never narrows): neighbouring bins are summed, which is exact."""
+        if self.exponent is None:
+            self.exponent = exponent
             return
+        if exponent <= self.exponent:
+            return
+        needed = exponent
         factor = 1 << (needed - self.exponent)
         for hist in self.groups.values():
             for name in ("neg", "pos", "pro"):
@@ -108,6 +116,20 @@ class PixelHistograms:
                 sel = bins[labels_t == region]
                 hist.pro += torch.bincount(sel, minlength=self.num_bins).to(torch.float64) / sel.numel()
             hist.regions += count
+
+    def merge_from(self, others: list[PixelHistograms]) -> None:
+        """Add the histograms of `others` (e.g. other processes' shares of a split) on a common bin grid."""
+        exponents = [h.exponent for h in [self, *others] if h.exponent is not None]
+        if not exponents:
+            return
+        target = max(exponents)
+        for hist in [self, *others]:
+            if hist.exponent is not None:
+                hist.rebin(target)
+        self.exponent = target
+        for other in others:
+            for name, group in other.groups.items():
+                self.groups.setdefault(name, GroupHist.empty(self.num_bins)).add(group)
 
     def merged(self, groups: list[str] | None = None) -> GroupHist:
         """Sum of the named groups (all when None)."""

@@ -9,6 +9,7 @@ import time
 import lightning.pytorch as pl
 import torch
 
+from aoi_lightning import distributed
 from aoi_lightning.metrics.evaluation import EvaluationCollector, build_metrics_report
 from aoi_lightning.models.components.base import AnomalyTorchModel, NotFittedError, exact_cuda_math
 
@@ -39,6 +40,7 @@ class AnomalyModule(pl.LightningModule):
         self.deferred_errors: list[Exception] | None = None
         #: Training-image score records when a callback already computed them after the fit (else None).
         self.train_records: list[dict] | None = None
+        self._synced: set[str] = set()
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
@@ -87,16 +89,24 @@ class AnomalyModule(pl.LightningModule):
         self.ensure_fitted()
 
     def ensure_fitted(self) -> None:
-        if self.model.is_fitted and self._fit_images == 0:
-            return
-        if self._fit_images == 0:
+        """Finalize a pending fit (combining the ranks' shares under DDP); error when there is nothing to use.
+
+        Every rank calls it at the same points (start of validation, test, predict; end of training)."""
+        pending = distributed.sum_int(self._fit_images, self.device)
+        if pending == 0:
+            if self.model.is_fitted:
+                return
             raise NotFittedError(
                 "the model is not fitted: train it with `aoi fit`, or pass --ckpt_path of a trained run"
             )
         start = time.perf_counter()
-        self.model.finalize()
+        if distributed.is_distributed():
+            distributed.finalize_distributed(self.model)
+        else:
+            self.model.finalize()
         self.timings["fit_finalize_s"] = time.perf_counter() - start
-        self.timings["num_fit_images"] = self._fit_images
+        self.timings["num_fit_images"] = pending
+        self.timings["num_processes"] = distributed.world_size()
         self._fit_images = 0
         log.info("fitted %s on %d images", type(self.model).__name__, self.timings["num_fit_images"])
 
@@ -124,13 +134,33 @@ class AnomalyModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.val_collector.reset()
+        self._synced.discard("val")
+
+    def synced_collector(self, stage: str) -> EvaluationCollector:
+        """The evaluation collector of `stage` (`val`/`test`) holding the whole split: under DDP the ranks'
+        shares are gathered once, in rank order (= data order, the shards being contiguous)."""
+        collector = self.val_collector if stage == "val" else self.test_collector
+        if stage not in self._synced:
+            self._synced.add(stage)
+            if distributed.is_distributed():
+                shares = distributed.all_gather_objects(collector)
+                merged = EvaluationCollector(num_bins=collector.num_bins)
+                merged.merge_from(shares)
+                if stage == "val":
+                    self.val_collector = merged
+                else:
+                    self.test_collector = merged
+                collector = merged
+        return collector
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(self.val_collector, batch)
 
     def on_validation_epoch_end(self) -> None:
         image_t, pixel_t = self._thresholds()
-        self.val_metrics = self.val_collector.metrics(("val",), image_threshold=image_t, pixel_threshold=pixel_t)
+        self.val_metrics = self.synced_collector("val").metrics(
+            ("val",), image_threshold=image_t, pixel_threshold=pixel_t
+        )
         self._log_scalars("val", self.val_metrics)
 
     def on_test_start(self) -> None:
@@ -138,13 +168,14 @@ class AnomalyModule(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.test_collector.reset()
+        self._synced.discard("test")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(self.test_collector, batch)
 
     def on_test_epoch_end(self) -> None:
         image_t, pixel_t = self._thresholds()
-        self.test_report = build_metrics_report(self.test_collector, self.split_policy, image_t, pixel_t)
+        self.test_report = build_metrics_report(self.synced_collector("test"), self.split_policy, image_t, pixel_t)
         self._log_scalars("test", self.test_report.get("test", {}))
         self._log_scalars("full_test", self.test_report.get("full_test", {}))
 
@@ -152,7 +183,7 @@ class AnomalyModule(pl.LightningModule):
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
                 if math.isfinite(float(value)) and not key.startswith("num_"):
-                    self.log(f"{prefix}/{key}", float(value), batch_size=1, sync_dist=False)
+                    self.log(f"{prefix}/{key}", float(value), batch_size=1, sync_dist=distributed.is_distributed())
 
     def on_predict_start(self) -> None:
         self.ensure_fitted()

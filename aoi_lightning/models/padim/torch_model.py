@@ -41,7 +41,7 @@ class PadimModel(AnomalyTorchModel):
         sigma: Gaussian smoothing of the map.
     """
 
-    dynamic_buffers = ("stats.mean", "stats.wt_top", "stats.wt_bottom")
+    dynamic_buffers = ()  # GaussianStats sizes its own buffers on load
 
     def __init__(
         self,
