@@ -19,6 +19,7 @@ from aoi_lightning.export.consistency import (
     summary_line,
 )
 from aoi_lightning.export.onnx_export import CONSISTENCY_FILE
+from aoi_lightning.models.components.nearest_neighbors import exact_search
 from aoi_lightning.runs.jsonio import write_json
 from aoi_lightning.runs.meta import utc_now
 
@@ -67,16 +68,17 @@ class OnnxConsistencyCheck(pl.Callback):
         if model.fitted.device.type != self.device:
             model = copy.deepcopy(model).to(self.device)
         images = loader_images(trainer.datamodule.test_dataloader(), self.max_images)
-        result = check_consistency(
-            model,
-            onnx_path,
-            images,
-            float(model.pixel_threshold),
-            self.score_tol,
-            self.map_tol,
-            self.iou_tol,
-            device=self.device,
-        )
+        with exact_search(model):  # the graph searches exactly: an approximate faiss index is not what it checks
+            result = check_consistency(
+                model,
+                onnx_path,
+                images,
+                float(model.pixel_threshold),
+                self.score_tol,
+                self.map_tol,
+                self.iou_tol,
+                device=self.device,
+            )
         result.update(
             {
                 "model": getattr(pl_module, "model_name", None),

@@ -166,7 +166,8 @@ def _assert_same_run(one: Path, two: Path) -> None:
     for key in a:
         assert a[key].shape == b[key].shape, key
         if a[key].is_floating_point():
-            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4, msg=key)
+            tol = 2e-3 if a[key].dtype == torch.float16 else 1e-4  # float16: one rounding step apart at most
+            torch.testing.assert_close(b[key], a[key], rtol=tol, atol=tol, msg=key)
         else:
             assert torch.equal(a[key], b[key]), key
     ta, tb = (json.loads((r / "thresholds.json").read_text()) for r in (one, two))

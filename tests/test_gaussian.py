@@ -121,7 +121,7 @@ def test_gaussian_stats_module_float32_close_to_float64(panels: int) -> None:
     bounds = panel_bounds(channels, panels)
     assert stats.bounds.tolist() == bounds and bounds[0] == 0 and bounds[-1] == channels
     stored = sum((b - a) * (channels - a) for a, b in zip(bounds[:-1], bounds[1:]))
-    assert stats.wt_panels.numel() == stored * positions
+    assert tuple(stats.wt_panels.shape) == (positions, stored)
     if panels == channels:  # one row per panel: exactly the upper triangle
         assert stored == channels * (channels + 1) // 2
     q = torch.from_numpy(train[:5]).float()
@@ -133,13 +133,39 @@ def test_gaussian_stats_module_float32_close_to_float64(panels: int) -> None:
     np.testing.assert_array_equal(loaded(q).numpy(), stats(q).numpy())
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 1000])
+def test_gaussian_stats_chunks_and_float16_storage(chunk: int) -> None:
+    rng = np.random.default_rng(6)
+    channels, positions = 9, 5
+    train = _random_embeddings(rng, n=40, channels=channels, positions=positions, offset=1.0)
+    mean, cov = _feed(train, [40]).mean_cov()
+    w = whitening_from_covariance(cov, 0.01)
+    q = torch.from_numpy(train[:7]).float()
+    expected = mahalanobis(q.double(), mean, w.transpose(1, 2)).numpy()
+    full = GaussianStats(panels=3, chunk=chunk)
+    full.set(mean, w)
+    np.testing.assert_allclose(full(q).numpy(), expected, rtol=1e-5, atol=1e-5)
+    half = GaussianStats(panels=3, dtype="float16", chunk=chunk)
+    half.set(mean, w)
+    assert half.wt_panels.dtype == torch.float16 and half.mean.dtype == torch.float32
+    assert half.wt_panels.element_size() * 2 == full.wt_panels.element_size()
+    out = half(q)
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), expected, rtol=2e-3)
+    # a float32 module takes a float16 checkpoint as it is
+    loaded = GaussianStats()
+    loaded.load_state_dict(half.state_dict())
+    assert loaded.wt_panels.dtype == torch.float16
+    np.testing.assert_array_equal(loaded(q).numpy(), out.numpy())
+
+
 def test_gaussian_stats_refuses_inconsistent_panels() -> None:
     stats = GaussianStats(panels=2)
     mean = torch.zeros(4, 3, dtype=torch.float64)
     stats.set(mean, torch.eye(4, dtype=torch.float64).expand(3, 4, 4))
     state = stats.state_dict()
-    state["wt_panels"] = state["wt_panels"][:-1]
-    with pytest.raises(RuntimeError, match="do not match the panel bounds"):
+    state["wt_panels"] = state["wt_panels"][:, :-1]
+    with pytest.raises(RuntimeError, match="does not match the panel bounds"):
         GaussianStats().load_state_dict(state)
 
 

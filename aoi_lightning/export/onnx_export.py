@@ -70,6 +70,9 @@ def describe_model(model: AnomalyTorchModel) -> dict:
     bank = getattr(model, "memory_bank", None)
     if bank is not None:
         out["memory_bank_size"] = int(bank.shape[0])
+    tiling = model.tiling_info() if hasattr(model, "tiling_info") else None
+    if tiling is not None:  # the input stays the whole image at image_size; the graph cuts and stitches tiles
+        out["tiling"] = tiling
     return out
 
 

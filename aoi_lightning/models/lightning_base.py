@@ -12,6 +12,7 @@ import torch
 from aoi_lightning import distributed
 from aoi_lightning.metrics.evaluation import EvaluationCollector, build_metrics_report
 from aoi_lightning.models.components.base import AnomalyTorchModel, NotFittedError, exact_cuda_math
+from aoi_lightning.models.tile_calibration import calibrate_tiles_on_training_images
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class AnomalyModule(pl.LightningModule):
         self.timings["num_processes"] = distributed.world_size()
         self._fit_images = 0
         log.info("fitted %s on %d images", type(self.model).__name__, self.timings["num_fit_images"])
+        if self.model.needs_tile_calibration:
+            calibrate_tiles_on_training_images(self)
 
     # -- evaluation -------------------------------------------------------------------------------------------
     def _thresholds(self) -> tuple[float, float]:

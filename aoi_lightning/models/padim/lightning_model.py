@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from aoi_lightning.models.lightning_base import AnomalyModule
 from aoi_lightning.models.padim.torch_model import PadimModel
 
@@ -19,6 +21,16 @@ class Padim(AnomalyModule):
         seed: seed of the channel subset.
         regularization: covariance diagonal loading before the Cholesky inverse.
         sigma: Gaussian smoothing of the anomaly map (pixels at the input size).
+        stats_dtype: storage of the inverse-covariance factor: `float16` (default; half the memory, the checkpoint
+            size and, at batch 1, much of the inference time; arithmetic stays float32) or `float32`.
+        tile_size: tiling for images much larger than the model input: None (default) feeds the whole image
+            (resized to `data.image_size`); an integer cuts the `data.image_size` input into overlapping square
+            tiles of this side, runs the model per tile and stitches the maps (weighted average in overlaps).
+        tile_overlap: pixels shared by neighbouring tiles; also the width of the blending ramp.
+        tile_thresholds: `global` (one image and one pixel threshold) or `per_tile` (each tile position's
+            map and score scaled by a gain calibrated on the good training images at the end of the fit).
+        tile_batch: tiles of each image per model pass (default: all); bounds the memory of large tile grids.
+            PaDiM shares its per-position statistics across tile positions (tiles must look alike).
     """
 
     model_name = "padim"
@@ -32,7 +44,15 @@ class Padim(AnomalyModule):
         seed: int = 0,
         regularization: float = 0.01,
         sigma: float = 4.0,
+        stats_dtype: Literal["float16", "float32"] = "float16",
+        tile_size: int | None = None,
+        tile_overlap: int = 0,
+        tile_thresholds: Literal["global", "per_tile"] = "global",
+        tile_batch: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = PadimModel(backbone, layers, weights, n_features, seed, regularization, sigma)
+        self.model = PadimModel(
+            backbone, layers, weights, n_features, seed, regularization, sigma, stats_dtype=stats_dtype,
+            tile_size=tile_size, tile_overlap=tile_overlap, tile_thresholds=tile_thresholds, tile_batch=tile_batch,
+        )  # fmt: skip

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from aoi_lightning.models.components.base import AnomalyTorchModel, InferenceOutput
 from aoi_lightning.models.components.coreset import greedy_coreset
 from aoi_lightning.models.components.feature_extractor import FeatureExtractor, layers_for_strides
-from aoi_lightning.models.components.nearest_neighbors import FaissSearcher, knn_torch
+from aoi_lightning.models.components.nearest_neighbors import FaissSearcher, index_options, knn_torch
 
 
 class PatchcoreModel(AnomalyTorchModel):
@@ -28,9 +28,19 @@ class PatchcoreModel(AnomalyTorchModel):
         bank_dtype: `float32` or `float16` storage of the memory bank.
         search: `faiss` (inference) or `torch` (matmul; what the ONNX export uses).
         sigma: Gaussian smoothing of the map.
+        index: faiss index of the `faiss` search: `flat` (exact), `ivf_flat` (inverted lists) or `hnsw` (graph);
+            the approximate ones trade a little accuracy for speed on large banks. Built on the first search
+            (seeded with `seed`), never stored in the checkpoint: a run can be tested with another index.
+        index_params: parameters of the index; `ivf_flat`: `nlist` (default about sqrt(bank size)) and
+            `nprobe` (8); `hnsw`: `M` (32), `ef_construction` (200), `ef_search` (128) and `build_threads`
+            (1: reproducible graph; 0: all faiss threads). A bank too small for them is searched exactly.
+        tile_size, tile_overlap, tile_thresholds, tile_batch: tiling, see `AnomalyTorchModel`. With tiles, the
+            patches of every tile go into the one memory bank (patches carry no position, so tiles need not look
+            alike) and the image score is the max over the tiles of each tile's re-weighted score.
     """
 
     dynamic_buffers = ("memory_bank",)
+    score_is_map_max = False
 
     def __init__(
         self,
@@ -44,14 +54,29 @@ class PatchcoreModel(AnomalyTorchModel):
         bank_dtype: str = "float32",
         search: str = "faiss",
         sigma: float = 4.0,
+        index: str = "flat",
+        index_params: dict[str, int] | None = None,
+        tile_size: int | None = None,
+        tile_overlap: int = 0,
+        tile_thresholds: str = "global",
+        tile_batch: int | None = None,
     ) -> None:
-        super().__init__(sigma=sigma)
+        super().__init__(
+            sigma=sigma,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            tile_thresholds=tile_thresholds,
+            tile_batch=tile_batch,
+        )
         if not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
         if bank_dtype not in ("float32", "float16"):
             raise ValueError(f"bank_dtype must be 'float32' or 'float16', got {bank_dtype!r}")
         if search not in ("faiss", "torch"):
             raise ValueError(f"search must be 'faiss' or 'torch', got {search!r}")
+        index_options(index, index_params)  # ValueError naming the bad index or parameter
+        if search == "torch" and index != "flat":
+            raise ValueError(f"index {index!r} needs search='faiss' (search='torch' is always exact)")
         layers = tuple(layers) if layers else layers_for_strides(backbone, (8, 16))
         self.feature_extractor = FeatureExtractor(backbone, layers, weights)
         self.coreset_ratio = coreset_ratio
@@ -60,6 +85,8 @@ class PatchcoreModel(AnomalyTorchModel):
         self.seed = seed
         self.bank_dtype = getattr(torch, bank_dtype)
         self.search = search
+        self.index = index
+        self.index_params = dict(index_params or {})
         self.pool = torch.nn.AvgPool2d(3, stride=1, padding=1)
         self.register_buffer("memory_bank", torch.empty(0, sum(self.feature_extractor.channels)))
         self._bank: torch.Tensor | None = None
@@ -79,17 +106,23 @@ class PatchcoreModel(AnomalyTorchModel):
         return torch.cat(maps, dim=1)
 
     def allocate(self, num_images: int, image_size: tuple[int, int]) -> None:
-        """Preallocate the full bank for `num_images` images of `image_size` (one row per patch)."""
+        """Preallocate the full bank for `num_images` images of `image_size` (one row per patch of every tile)."""
         stride = self.feature_extractor.strides[0]
-        patches = -(-image_size[0] // stride) * -(-image_size[1] // stride)
+        tiles, size = 1, image_size
+        if self.tiler is not None:
+            tiles, size = self.tiler.num_tiles(image_size), (self.tiler.tile_size, self.tiler.tile_size)
+        patches = tiles * -(-size[0] // stride) * -(-size[1] // stride)
         self._bank = torch.empty(num_images * patches, self.embedding_dim, dtype=self.bank_dtype)
         self._filled = 0
 
     @torch.no_grad()
     def update(self, images: torch.Tensor) -> None:
-        """Append the patches of a batch of good images (B, 3, H, W) to the bank."""
-        emb = self.embed(images)
-        rows = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).to("cpu", self.bank_dtype)
+        """Append the patches of a batch of good images (B, 3, H, W) (of all their tiles when tiling) to the bank."""
+        for part in self.tile_batches(images):
+            emb = self.embed(part)
+            self._append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).to("cpu", self.bank_dtype))
+
+    def _append(self, rows: torch.Tensor) -> None:
         if self._bank is None or self._filled + rows.shape[0] > self._bank.shape[0]:
             # unknown data size: grow geometrically (amortised O(N))
             needed = self._filled + rows.shape[0]
@@ -126,12 +159,13 @@ class PatchcoreModel(AnomalyTorchModel):
 
     def nearest(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k nearest bank rows of (Q, D) queries: distances and indices (Q, k)."""
-        bank = self.memory_bank.to(torch.float32)
+        bank = self.memory_bank
         if self.search == "faiss" and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
-            if self._searcher is None or self._searcher.size != bank.shape[0]:
-                self._searcher = FaissSearcher(bank)
+            # the exact export path below stays matmul; the faiss index is built lazily, never saved
+            if self._searcher is None or not self._searcher.built_for(bank, self.index, self.index_params, self.seed):
+                self._searcher = FaissSearcher(bank.to(torch.float32), self.index, self.index_params, self.seed)
             return self._searcher.search(queries, k)
-        return knn_torch(queries, bank, k)
+        return knn_torch(queries, bank.to(torch.float32), k)
 
     def _forward_fitted(self, images: torch.Tensor) -> InferenceOutput:
         emb = self.embed(images)
