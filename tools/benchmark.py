@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from queue import Empty
 
 import torch
 
@@ -68,7 +69,12 @@ def run_one(cfg: dict) -> dict:
         n = cfg["train_images"]
         train = [train[i % len(train)] for i in range(n)]
     if cfg["model"] == "padim":
-        model = PadimModel(backbone=cfg["backbone"], weights=cfg["weights"], n_features=cfg.get("n_features"))
+        model = PadimModel(
+            backbone=cfg["backbone"],
+            weights=cfg["weights"],
+            n_features=cfg.get("n_features"),
+            stats_dtype=cfg.get("stats_dtype") or "float16",
+        )
     else:
         model = PatchcoreModel(
             backbone=cfg["backbone"],
@@ -180,7 +186,14 @@ def run_isolated(cfg: dict) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(cfg, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a child killed by the system (e.g. out of memory) never reports: notice it instead of waiting
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not proc.is_alive():
+                result = {**cfg, "error": f"the measuring process died (exit code {proc.exitcode}; out of memory?)"}
+                break
     proc.join()
     return result
 
@@ -189,6 +202,7 @@ def table(rows: list[dict]) -> str:
     cols = [
         ("model", "model"),
         ("ratio", "coreset_ratio"),
+        ("stats", "stats_dtype"),
         ("N", "train_images"),
         ("fit s", "fit_total_s"),
         ("extract s", "fit_feature_extraction_s"),
@@ -231,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coreset_ratios", type=float, nargs="+", default=[0.01])
     parser.add_argument("--projection_dim", type=int, default=32)
     parser.add_argument("--n_features", type=int, default=None)
+    parser.add_argument(
+        "--padim_stats_dtype", nargs="+", default=["float16"], choices=["float16", "float32"],
+        help="PaDiM whitening storage (one row per value)",
+    )  # fmt: skip
     parser.add_argument("--train_images", type=int, nargs="+", default=[0], help="0: the training set as is")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -241,8 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n_train in args.train_images:
         for model in args.models:
-            ratios = args.coreset_ratios if model == "patchcore" else [None]
-            for ratio in ratios:
+            variants = (
+                [(r, None) for r in args.coreset_ratios]
+                if model == "patchcore"
+                else [(None, d) for d in args.padim_stats_dtype]
+            )
+            for ratio, stats_dtype in variants:
                 cfg = {
                     "model": model,
                     "root": args.root,
@@ -258,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                     "workers": args.workers,
                     "train_images": n_train,
                     "onnx": not args.no_onnx,
+                    "stats_dtype": stats_dtype,
                 }
-                print(f"running {model} ratio={ratio} N={n_train or 'all'} ...", file=sys.stderr, flush=True)
+                variant = f"ratio={ratio}" if ratio is not None else f"stats={stats_dtype}"
+                print(f"running {model} {variant} N={n_train or 'all'} ...", file=sys.stderr, flush=True)
                 rows.append(run_isolated(cfg))
     output = Path(args.output)
     output.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")

@@ -6,12 +6,12 @@ A run directory (or a copy of just its `export/` folder) is enough for the line 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
 from aoi_lightning.postprocess.outputs import ModelFacts
+from aoi_lightning.runs.jsonio import differing_value
 
 EXPORT_DIR = "export"
 ONNX_FILE = "model.onnx"
@@ -38,17 +38,13 @@ def _check_run_thresholds(thresholds_path: Path, meta_path: Path, exported: dict
         on_disk = json.loads(thresholds_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise OnnxRunError(f"cannot read {thresholds_path}: {str(exc).splitlines()[0]}") from exc
-    for key, value in exported.items():
-        found = on_disk.get(key) if isinstance(on_disk, dict) else None
-        try:
-            same = found is not None and math.isclose(float(found), value, rel_tol=1e-5, abs_tol=1e-7)
-        except (TypeError, ValueError):
-            same = False
-        if not same:
-            raise OnnxRunError(
-                f"{thresholds_path}: {key} {found} differs from the export's {value:.8g} ({meta_path}): the export "
-                f"is stale or the file was edited; re-export with `aoi export --run_dir {thresholds_path.parent}`"
-            )
+    differing = differing_value(on_disk, exported)
+    if differing is not None:
+        key, found = differing
+        raise OnnxRunError(
+            f"{thresholds_path}: {key} {found} differs from the export's {exported[key]:.8g} ({meta_path}): the "
+            f"export is stale or the file was edited; re-export with `aoi export --run_dir {thresholds_path.parent}`"
+        )
 
 
 class OnnxPredictor:

@@ -92,3 +92,17 @@ def read_jsonl(path: str | Path) -> list[dict]:
             if line:
                 out.append(json.loads(line))
     return out
+
+
+def differing_value(on_disk: object, expected: dict[str, float], rel_tol: float = 1e-5) -> tuple[str, object] | None:
+    """The first key of `expected` whose number in the JSON object `on_disk` is missing or differs (beyond float32
+    round-off), with the value found; None when all agree."""
+    for key, value in expected.items():
+        found = on_disk.get(key) if isinstance(on_disk, dict) else None
+        try:
+            same = found is not None and math.isclose(float(found), value, rel_tol=rel_tol, abs_tol=1e-7)
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            return key, found
+    return None

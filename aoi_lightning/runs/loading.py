@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from aoi_lightning.models.lightning_base import AnomalyModule
+from aoi_lightning.runs.jsonio import differing_value
 from aoi_lightning.runs.layout import RunDir
 
 #: Model classes a checkpoint may name (nothing else is ever imported from a checkpoint).
@@ -171,18 +172,29 @@ def check_thresholds_file(thresholds: dict[str, float], run: RunDir) -> None:
         raise RunError(f"cannot read {path}: {str(exc).splitlines()[0]}") from exc
     if not isinstance(on_disk, dict):
         raise RunError(f"{path} is not a thresholds file (expected a JSON object)")
-    for key, model_value in thresholds.items():
-        value = on_disk.get(key)
-        try:
-            same = value is not None and math.isclose(float(value), model_value, rel_tol=1e-5, abs_tol=1e-7)
-        except (TypeError, ValueError):
-            same = False
-        if not same:
-            raise RunError(
-                f"{path}: {key} {value} does not match the checkpoint's {model_value:.8g} ({run.checkpoint}); "
-                "the checkpoint's thresholds are the model's: restore the thresholds.json of this fit or refit, "
-                "and set the defect sensitivity with --pixel_threshold_mult, not by editing the file"
-            )
+    differing = differing_value(on_disk, thresholds)
+    if differing is not None:
+        key, value = differing
+        raise RunError(
+            f"{path}: {key} {value} does not match the checkpoint's {thresholds[key]:.8g} ({run.checkpoint}); "
+            "the checkpoint's thresholds are the model's: restore the thresholds.json of this fit or refit, "
+            "and set the defect sensitivity with --pixel_threshold_mult, not by editing the file"
+        )
+
+
+def _apply_search_settings(model: AnomalyModule, config: dict) -> None:
+    """PatchCore's faiss index is a search setting, not saved with the model: take the run's config.yaml one."""
+    init = (config.get("model") or {}).get("init_args") or {}
+    if not hasattr(model.model, "index") or not init.get("index"):
+        return
+    from aoi_lightning.models.components.nearest_neighbors import index_options
+
+    try:
+        index_options(init["index"], init.get("index_params"))
+    except ValueError as exc:
+        raise RunError(f"model.init_args.index in config.yaml: {exc}") from exc
+    model.model.index = str(init["index"])
+    model.model.index_params = dict(init.get("index_params") or {})
 
 
 def load_run_model(
@@ -203,6 +215,7 @@ def load_run_model(
             f"{info.run.checkpoint} holds a {_model_label(have)} model, but {info.run.config} names "
             f"{_model_label(want)}: the checkpoint belongs to another run"
         )
+    _apply_search_settings(model, info.config)
     if require_thresholds and not model.model.has_thresholds:
         raise RunError(
             f"{info.run.path} has no thresholds: fit it with the ThresholdTuning callback "

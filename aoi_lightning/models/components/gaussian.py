@@ -207,8 +207,7 @@ class GaussianStats(nn.Module):
         """Embedding (B, C, P) -> distances (B, P)."""
         delta = (embedding - self.mean.unsqueeze(0)).permute(2, 0, 1).contiguous()  # (P, B, C)
         positions = delta.shape[0]
-        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        step = positions if exporting else self.chunk  # one block in an exported graph
+        step = self.chunk  # also in an exported graph: ONNX Runtime then works block by block too
         parts = [
             self._squared(delta[p : p + step], self.wt_panels[p : p + step].to(delta.dtype))
             for p in range(0, positions, step)

@@ -40,9 +40,10 @@ def squared_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.
 
 
 def knn_torch(
-    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 65536
+    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 8192
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest neighbours with matmul, bank processed in chunks to bound memory.
+    """Exact k nearest neighbours with matmul, the bank taken `chunk` rows at a time so that the (Q, chunk)
+    distance block bounds the memory (also in the exported graph, whose query count varies with the batch).
 
     Returns:
         distances (Q, k) (Euclidean, ascending) and indices (Q, k) into the bank.
