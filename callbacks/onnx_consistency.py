@@ -9,6 +9,7 @@ from typing import Literal
 import lightning.pytorch as pl
 
 from aoi_lightning.callbacks.onnx_export import OnnxExport, fit_export
+from aoi_lightning.data.datamodule import MVTecDataModule
 from aoi_lightning.export.consistency import (
     DEFAULT_IOU_TOL,
     DEFAULT_MAP_TOL,
@@ -67,7 +68,14 @@ class OnnxConsistencyCheck(pl.Callback):
         model = pl_module.model
         if model.fitted.device.type != self.device:
             model = copy.deepcopy(model).to(self.device)
-        images = loader_images(trainer.datamodule.test_dataloader(), self.max_images)
+        datamodule = trainer.datamodule
+        # rank zero checks the whole test set, not its DDP shard
+        loader = (
+            datamodule.test_dataloader(shard=False)
+            if isinstance(datamodule, MVTecDataModule)
+            else datamodule.test_dataloader()
+        )
+        images = loader_images(loader, self.max_images)
         with exact_search(model):  # the graph searches exactly: an approximate faiss index is not what it checks
             result = check_consistency(
                 model,

@@ -188,6 +188,8 @@ def _assert_same_run(one: Path, two: Path) -> None:
         assert [r.get("label") for r in pb] == [r.get("label") for r in pa]
         for ra, rb in zip(pa, pb):
             assert rb["pred_score"] == pytest.approx(ra["pred_score"], rel=1e-4, abs=1e-4)
+    ca, cb = (json.loads((r / "export" / "consistency.json").read_text()) for r in (one, two))
+    assert cb["status"] == ca["status"] == "PASSED" and cb["num_images"] == ca["num_images"]  # all test images
     meta = json.loads((two / "meta.json").read_text())
     assert meta["timings"]["num_processes"] == 2 and meta["timings"]["num_fit_images"] == N_TRAIN
 

@@ -121,10 +121,11 @@ class MVTecDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_samples, self.eval_batch_size) if self.val_samples else []
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self, shard: bool = True) -> DataLoader:
+        """The test images (under DDP this rank's shard; `shard=False`: all of them, e.g. for a check on one rank)."""
         if not self.test_samples:
             raise DataError(f"data: no test images under {self.data_root / self.category / 'test'}")
-        return self._loader(self.test_samples, self.eval_batch_size)
+        return self._loader(self.test_samples, self.eval_batch_size, shard=shard)
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_dir:
