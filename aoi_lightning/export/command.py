@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from aoi_lightning.export.onnx_export import DEFAULT_OPSET, ExportError, export_module
-from aoi_lightning.runs.jsonio import read_json
+from aoi_lightning.runs.jsonio import differing_value, read_json
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +34,16 @@ def run_threshold_info(module, run_path: Path) -> dict:
             on_disk = read_json(file)
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot read {file}: {exc}") from exc
-        for key in ("image_threshold", "pixel_threshold"):
-            model_value = float(getattr(module.model, key))
-            value = on_disk.get(key)
-            if (
-                value is not None
-                and math.isfinite(model_value)
-                and not math.isclose(float(value), model_value, rel_tol=1e-5, abs_tol=1e-7)
-            ):
-                raise ExportError(
-                    f"{file}: {key} {value} does not match the checkpoint's {model_value:.8g}; "
-                    "the thresholds file and weights/model.ckpt come from different fits"
-                )
+        model_values = {k: float(getattr(module.model, k)) for k in ("image_threshold", "pixel_threshold")}
+        # only the thresholds both sides have are compared
+        expected = {k: v for k, v in model_values.items() if math.isfinite(v) and on_disk.get(k) is not None}
+        differing = differing_value(on_disk, expected)
+        if differing is not None:
+            key, value = differing
+            raise ExportError(
+                f"{file}: {key} {value} does not match the checkpoint's {expected[key]:.8g}; "
+                "the thresholds file and weights/model.ckpt come from different fits"
+            )
         info = info or on_disk
     return info
 
