@@ -135,6 +135,10 @@ def run_one(cfg: dict) -> dict:
     out[f"batch{n}_backbone_ms_per_image"] = bb["backbone"] / n
     out[f"batch{n}_ratio"] = bb["model"] / bb["backbone"]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cfg["model"] == "padim":
+        from aoi_lightning.models.components import fused_distance
+
+        out["padim_kernel"] = "fused" if fused_distance.enabled() and fused_distance.kernel() else "torch"
     if cfg.get("onnx"):
         out.update(_onnx_latency(model, size, x1, xb, cfg))
     return out
@@ -203,6 +207,7 @@ def table(rows: list[dict]) -> str:
         ("model", "model"),
         ("ratio", "coreset_ratio"),
         ("stats", "stats_dtype"),
+        ("kernel b1", "padim_kernel"),
         ("N", "train_images"),
         ("fit s", "fit_total_s"),
         ("extract s", "fit_feature_extraction_s"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aoi_lightning.models.components import fused_distance
+
 
 class StreamingMoments:
     """Streaming sum and sum of outer products per position, in float64, shifted for numerical stability.
@@ -146,7 +148,9 @@ class GaussianStats(nn.Module):
         self.panels = int(panels)
         self.dtype = getattr(torch, dtype)
         self.chunk = max(1, int(chunk))
+        self.fused = True  # small CPU batches through fused_distance; False: always the PyTorch code
         self.register_buffer("mean", torch.empty(0))
+        self.register_buffer("mean_pc", torch.empty(0), persistent=False)  # mean (P, C), position-major copy
         self.register_buffer("wt_panels", torch.empty(0))
         self.register_buffer("bounds", torch.empty(0, dtype=torch.int64))
         self._bounds: list[int] = []
@@ -157,6 +161,7 @@ class GaussianStats(nn.Module):
         positions = wt.shape[0]
         bounds = panel_bounds(wt.shape[1], self.panels)
         self.mean = mean.to(torch.float32).contiguous()
+        self.mean_pc = self.mean.t().contiguous()
         self.wt_panels = torch.cat(
             [wt[:, a:b, a:].reshape(positions, -1).to(self.dtype) for a, b in zip(bounds[:-1], bounds[1:])], dim=1
         )
@@ -173,6 +178,7 @@ class GaussianStats(nn.Module):
                     setattr(self, name, torch.empty_like(saved, device=current.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
         self._bounds = [int(v) for v in self.bounds.tolist()]
+        self.mean_pc = self.mean.t().contiguous()
         if self._bounds:
             channels, positions = self.mean.shape
             per_position = sum((b - a) * (channels - a) for a, b in zip(self._bounds[:-1], self._bounds[1:]))
@@ -204,8 +210,29 @@ class GaussianStats(nn.Module):
         return dist2
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Embedding (B, C, P) -> distances (B, P)."""
-        delta = (embedding - self.mean.unsqueeze(0)).permute(2, 0, 1).contiguous()  # (P, B, C)
+        """Embedding (B, C, P) -> distances (B, P).
+
+        Small CPU batches go through the fused kernel of `fused_distance` when `fused` is set (the default) and
+        it is available; the result is the same to float32 rounding."""
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            delta = (embedding - self.mean.unsqueeze(0)).permute(2, 0, 1)  # (P, B, C)
+            return self._panel_distances(delta)
+        # (P, B, C) written in that order: with a channels-last backbone the embedding is already position-major
+        # and this reads it in order (a permute-copy of the result would transpose 90 MB at batch 32)
+        batch, channels, positions = embedding.shape
+        if embedding.requires_grad:
+            delta = (embedding - self.mean.unsqueeze(0)).permute(2, 0, 1).contiguous()
+        else:
+            delta = torch.empty((positions, batch, channels), dtype=torch.float32, device=embedding.device)
+            torch.sub(embedding.permute(2, 0, 1), self.mean_pc.unsqueeze(1), out=delta)
+        if self.fused and fused_distance.applicable(embedding, self.wt_panels):
+            dist2 = fused_distance.squared_distances(delta, self.wt_panels, self.bounds)
+            if dist2 is not None:
+                return dist2.clamp_min_(0).sqrt_().transpose(0, 1)
+        return self._panel_distances(delta)
+
+    def _panel_distances(self, delta: torch.Tensor) -> torch.Tensor:
+        """Distances (B, P) from deviations (P, B, C), panel by panel (the exported graph)."""
         positions = delta.shape[0]
         step = self.chunk  # also in an exported graph: ONNX Runtime then works block by block too
         parts = [
