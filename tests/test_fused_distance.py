@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -141,3 +142,35 @@ def test_position_major_embedding_and_checkpoint_round_trip(batch: int, fused: b
         np.testing.assert_allclose(
             module(embedding).numpy(), _reference(stats, whitening, embedding).numpy(), rtol=1e-5
         )
+
+
+def test_unwritable_cache_locations_fall_back_to_the_temporary_folder(tmp_path) -> None:
+    """Where numba finds no writable cache location (read-only install and home), the kernel still builds: here
+    numba is told to look only in NUMBA_CACHE_DIR, which is unset, as it finds nothing else on such a machine."""
+    import subprocess
+    import sys
+
+    import numba
+
+    if not hasattr(numba.config, "CACHE_LOCATOR_CLASSES"):
+        pytest.skip("this numba cannot restrict its cache locators")
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import tempfile\n"
+        f"tempfile.tempdir = {str(tmp_path)!r}\n"
+        "import numba, torch\n"
+        "from aoi_lightning.models.components import fused_distance\n"
+        "from aoi_lightning.models.components.gaussian import GaussianStats\n"
+        "s = GaussianStats(dtype='float16')\n"
+        "s.set(torch.zeros(3, 4), torch.eye(3).expand(4, 3, 3).clone())\n"
+        "assert torch.allclose(s(torch.ones(1, 3, 4)), torch.full((1, 4), 3 ** 0.5))\n"
+        "assert fused_distance.kernel() is not None, fused_distance._state\n"
+        "print(numba.config.CACHE_DIR)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["NUMBA_CACHE_LOCATOR_CLASSES"] = "UserProvidedCacheLocator"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cache = tmp_path / "aoi-numba-cache"
+    assert done.stdout.strip() == str(cache)
+    assert any(cache.rglob("*.nbi")), "nothing was cached in the fallback folder"

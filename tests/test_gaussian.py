@@ -180,3 +180,20 @@ def test_fit_on_x_score_x_mean_squared_distance_is_exact() -> None:
     # the mean itself is at distance 0
     at_mean = mahalanobis(mean.unsqueeze(0), mean, w_t)
     assert float(at_mean.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_blockwise_storage_equals_whole_storage(dtype: str) -> None:
+    """Storing the factor block by block (as the PaDiM fit does, without a full float32 copy) gives exactly the
+    buffers of storing it whole, including blocks that do not divide the positions."""
+    x = _random_embeddings(np.random.default_rng(4), n=30, channels=9, positions=11, offset=2.0)
+    moments = _feed(x, [30])
+    whole = GaussianStats(panels=3, dtype=dtype)
+    whole.set(*moments.whitening(0.01))
+    blocks = GaussianStats(panels=3, dtype=dtype)
+    blocks.allocate(9, 11)
+    for start, mean, w in moments.whitening_blocks(0.01, chunk=4):
+        blocks.set_block(start, mean, w)
+    blocks.finish()
+    for name in ("mean", "wt_panels", "bounds", "mean_pc"):
+        assert torch.equal(getattr(whole, name), getattr(blocks, name)), name

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 
 import numpy as np
@@ -24,8 +25,9 @@ import torch
 log = logging.getLogger(__name__)
 
 #: Largest batch that takes the fused kernel, per storage dtype. Measured on a 2-core CPU at 4096 positions and
-#: 176 channels (distances alone, ms, PyTorch / fused): float16 batch 1 13.3 / 5.0, batch 4 27.3 / 16.1, batch 16
-#: 100.5 / 93.8; float32 batch 1 13.9 / 8.9, batch 2 17.4 / 16.5, batch 4 22.6 / 23.9.
+#: 176 channels with a channels-last embedding (distances alone, ms, PyTorch / fused): float16 batch 1 11.2 / 4.6,
+#: batch 8 30.1 / 21.3, batch 16 61.2 / 53.6, batch 32 101.3 / 111.7; float32 batch 1 14.0 / 7.8, batch 2
+#: 16.4 / 15.7, batch 4 18.9 / 21.7.
 MAX_BATCH = {torch.float16: 16, torch.float32: 2}
 ENV_SWITCH = "AOI_FUSED_DISTANCE"
 
@@ -40,9 +42,19 @@ def enabled() -> bool:
 
 
 def _build():
-    """Import (and so compile, or load from numba's cache) the kernel; returns the parallel entry point."""
-    from aoi_lightning.models.components import _fused_kernels
+    """Import (and so compile, or load from numba's cache) the kernel; returns the parallel entry point.
 
+    numba caches next to the source or in the user's cache folder; where neither is writable (a read-only
+    install and home), the cache goes to the temporary folder instead of failing."""
+    import numba
+
+    try:
+        from aoi_lightning.models.components import _fused_kernels
+    except RuntimeError as exc:
+        if "cannot cache" not in str(exc):
+            raise
+        numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), "aoi-numba-cache")
+        from aoi_lightning.models.components import _fused_kernels
     return _fused_kernels.squared
 
 

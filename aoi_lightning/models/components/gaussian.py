@@ -67,17 +67,22 @@ class StreamingMoments:
         cov = (self.outer[sel] - n * mt.unsqueeze(2) * mt.unsqueeze(1)) / (n - 1)
         return mean, cov
 
-    def whitening(self, regularization: float = 0.01, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean (C, P) and whitening W (P, C, C) as float32, inverted in float64 a chunk of positions at a time
-        so that the extra memory beyond the accumulators is one float32 copy of W."""
+    def whitening_blocks(self, regularization: float = 0.01, chunk: int = 256):
+        """Yield (start, mean (C, n), whitening W (n, C, C)) in float32 for blocks of n <= `chunk` positions,
+        inverted in float64 block by block: the caller can store each block (e.g. `GaussianStats.set_block`)
+        without a full float32 copy of W beside the accumulators."""
         positions = self.outer.shape[0]
+        for start in range(0, positions, chunk):
+            m, cov = self.mean_cov(slice(start, min(start + chunk, positions)))
+            yield start, m.to(torch.float32), whitening_from_covariance(cov, regularization).to(torch.float32)
+
+    def whitening(self, regularization: float = 0.01, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (C, P) and whitening W (P, C, C) as float32 (`whitening_blocks` put together)."""
         mean = torch.empty(self.sum.shape, dtype=torch.float32, device=self.sum.device)
         out = torch.empty(self.outer.shape, dtype=torch.float32, device=self.outer.device)
-        for start in range(0, positions, chunk):
-            sel = slice(start, min(start + chunk, positions))
-            m, cov = self.mean_cov(sel)
-            mean[:, sel] = m.to(torch.float32)
-            out[sel] = whitening_from_covariance(cov, regularization).to(torch.float32)
+        for start, m, w in self.whitening_blocks(regularization, chunk):
+            mean[:, start : start + m.shape[1]] = m
+            out[start : start + w.shape[0]] = w
         return mean, out
 
 
@@ -157,16 +162,34 @@ class GaussianStats(nn.Module):
 
     def set(self, mean: torch.Tensor, whitening: torch.Tensor) -> None:
         """Store mean (C, P) in float32 and whitening W (P, C, C, lower triangular) in the storage dtype."""
-        wt = whitening.transpose(1, 2)
-        positions = wt.shape[0]
-        bounds = panel_bounds(wt.shape[1], self.panels)
-        self.mean = mean.to(torch.float32).contiguous()
-        self.mean_pc = self.mean.t().contiguous()
-        self.wt_panels = torch.cat(
-            [wt[:, a:b, a:].reshape(positions, -1).to(self.dtype) for a, b in zip(bounds[:-1], bounds[1:])], dim=1
-        )
-        self.bounds = torch.tensor(bounds, dtype=torch.int64, device=self.mean.device)
+        self.allocate(mean.shape[0], mean.shape[1], mean.device)
+        self.set_block(0, mean, whitening)
+        self.finish()
+
+    def allocate(self, channels: int, positions: int, device: torch.device | str | None = None) -> None:
+        """Lay out empty buffers for `channels` x `positions`; fill them with `set_block`, then call `finish`."""
+        bounds = panel_bounds(channels, self.panels)
+        per_position = sum((b - a) * (channels - a) for a, b in zip(bounds[:-1], bounds[1:]))
+        self.mean = torch.empty(channels, positions, dtype=torch.float32, device=device)
+        self.wt_panels = torch.empty(positions, per_position, dtype=self.dtype, device=device)
+        self.bounds = torch.tensor(bounds, dtype=torch.int64, device=device)
         self._bounds = bounds
+
+    def set_block(self, start: int, mean: torch.Tensor, whitening: torch.Tensor) -> None:
+        """Store positions start..start+n: mean (C, n) and whitening W (n, C, C, lower triangular)."""
+        channels, count = mean.shape
+        self.mean[:, start : start + count] = mean
+        wt = whitening.transpose(1, 2)
+        rows = self.wt_panels[start : start + count]
+        offset = 0
+        for a, b in zip(self._bounds[:-1], self._bounds[1:]):
+            size = (b - a) * (channels - a)
+            rows[:, offset : offset + size].view(count, b - a, channels - a).copy_(wt[:, a:b, a:])
+            offset += size
+
+    def finish(self) -> None:
+        """Derived buffers once every block is stored."""
+        self.mean_pc = self.mean.t().contiguous()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
         # the buffers' shapes (and the storage dtype) come from the fitted data: take the checkpoint's
@@ -178,7 +201,7 @@ class GaussianStats(nn.Module):
                     setattr(self, name, torch.empty_like(saved, device=current.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
         self._bounds = [int(v) for v in self.bounds.tolist()]
-        self.mean_pc = self.mean.t().contiguous()
+        self.finish()
         if self._bounds:
             channels, positions = self.mean.shape
             per_position = sum((b - a) * (channels - a) for a, b in zip(self._bounds[:-1], self._bounds[1:]))
