@@ -25,10 +25,10 @@ import torch
 log = logging.getLogger(__name__)
 
 #: Largest batch that takes the fused kernel, per storage dtype. Measured on a 2-core CPU at 4096 positions and
-#: 176 channels with a channels-last embedding (distances alone, ms, PyTorch / fused): float16 batch 1 11.2 / 4.6,
-#: batch 8 30.1 / 21.3, batch 16 61.2 / 53.6, batch 32 101.3 / 111.7; float32 batch 1 14.0 / 7.8, batch 2
-#: 16.4 / 15.7, batch 4 18.9 / 21.7.
-MAX_BATCH = {torch.float16: 16, torch.float32: 2}
+#: 176 channels with a channels-last embedding (distances alone, ms, PyTorch / fused): float16 batch 1 15.3 / 4.7,
+#: batch 4 21.4 / 11.6, batch 8 29.1 / 21.9, batch 16 47.5 / 53.2, batch 32 75.4 / 103.9; float32 batch 1
+#: 14.0 / 8.5, batch 2 16.8 / 16.2, batch 4 18.4 / 22.0.
+MAX_BATCH = {torch.float16: 8, torch.float32: 1}
 ENV_SWITCH = "AOI_FUSED_DISTANCE"
 
 _lock = threading.Lock()

@@ -236,30 +236,37 @@ class GaussianStats(nn.Module):
         """Embedding (B, C, P) -> distances (B, P).
 
         Small CPU batches go through the fused kernel of `fused_distance` when `fused` is set (the default) and
-        it is available; the result is the same to float32 rounding."""
+        it is available; the result is the same to float32 rounding. Otherwise batched products, `chunk`
+        positions at a time (also in an exported graph: ONNX Runtime then works block by block too)."""
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             delta = (embedding - self.mean.unsqueeze(0)).permute(2, 0, 1)  # (P, B, C)
-            return self._panel_distances(delta)
-        # (P, B, C) written in that order: with a channels-last backbone the embedding is already position-major
-        # and this reads it in order (a permute-copy of the result would transpose 90 MB at batch 32)
-        batch, channels, positions = embedding.shape
-        if embedding.requires_grad:
-            delta = (embedding - self.mean.unsqueeze(0)).permute(2, 0, 1).contiguous()
-        else:
-            delta = torch.empty((positions, batch, channels), dtype=torch.float32, device=embedding.device)
-            torch.sub(embedding.permute(2, 0, 1), self.mean_pc.unsqueeze(1), out=delta)
+            return self._panel_distances(lambda start, stop: delta[start:stop], delta.shape[0])
+        positions = embedding.shape[2]
         if self.fused and fused_distance.applicable(embedding, self.wt_panels):
-            dist2 = fused_distance.squared_distances(delta, self.wt_panels, self.bounds)
+            dist2 = fused_distance.squared_distances(
+                self._deviations(embedding, 0, positions), self.wt_panels, self.bounds
+            )
             if dist2 is not None:
                 return dist2.clamp_min_(0).sqrt_().transpose(0, 1)
-        return self._panel_distances(delta)
+        return self._panel_distances(lambda start, stop: self._deviations(embedding, start, stop), positions)
 
-    def _panel_distances(self, delta: torch.Tensor) -> torch.Tensor:
-        """Distances (B, P) from deviations (P, B, C), panel by panel (the exported graph)."""
-        positions = delta.shape[0]
-        step = self.chunk  # also in an exported graph: ONNX Runtime then works block by block too
+    def _deviations(self, embedding: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Deviations (n, B, C), contiguous, of positions start..stop from the embedding (B, C, P).
+
+        Written in that order: with a channels-last backbone the embedding is already position-major and this
+        reads it in order (a permute-copy of the whole deviation would transpose 90 MB at batch 32)."""
+        if embedding.requires_grad:
+            return (embedding[..., start:stop] - self.mean[:, start:stop].unsqueeze(0)).permute(2, 0, 1).contiguous()
+        batch, channels, _ = embedding.shape
+        out = torch.empty((stop - start, batch, channels), dtype=torch.float32, device=embedding.device)
+        return torch.sub(embedding.permute(2, 0, 1)[start:stop], self.mean_pc[start:stop].unsqueeze(1), out=out)
+
+    def _panel_distances(self, deviations, positions: int) -> torch.Tensor:
+        """Distances (B, P), panel by panel, `chunk` positions at a time; `deviations(start, stop)` gives the
+        (n, B, C) deviations of a block (built block by block, they stay in cache)."""
+        step = self.chunk
         parts = [
-            self._squared(delta[p : p + step], self.wt_panels[p : p + step].to(delta.dtype))
+            self._squared(deviations(p, min(p + step, positions)), self.wt_panels[p : p + step].to(torch.float32))
             for p in range(0, positions, step)
         ]
         dist2 = parts[0] if len(parts) == 1 else torch.cat(parts)
