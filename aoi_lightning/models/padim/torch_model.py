@@ -104,9 +104,9 @@ class PadimModel(AnomalyTorchModel):
         """Mean and whitening from the accumulated moments (float64 Cholesky, once), stored a block of positions
         at a time: the peak is the float64 accumulators plus the stored factor, with no float32 copy of the full
         matrices between them."""
-        channels, positions = self._moments.sum.shape if self._moments.sum is not None else (0, 0)
         if self._moments.count < 2:
-            self._moments.mean_cov()  # the one-line error for fewer than two images
+            self._moments.mean_cov()  # raises the one-line error for fewer than two images
+        channels, positions = self._moments.sum.shape
         self.stats.allocate(channels, positions, self._moments.sum.device)
         for start, mean, whitening in self._moments.whitening_blocks(self.regularization):
             self.stats.set_block(start, mean, whitening)
