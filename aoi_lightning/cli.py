@@ -15,14 +15,14 @@ import warnings
 #: Commands handled outside LightningCLI: name -> (module, one-line description).
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "run": (
-        "aoi_lightning.runner.command",
+        "aoi_lightning.commands.run",
         "OK/NG, masks, overlays, preds.jsonl and report.json for a folder of images",
     ),
-    "export": ("aoi_lightning.export.command", "ONNX export of a trained run (export/model.onnx)"),
-    "consistency": ("aoi_lightning.export.consistency_command", "ONNX-vs-torch check of an exported run"),
-    "compare": ("aoi_lightning.compare.command", "side-by-side comparison of two or more runs"),
-    "check-data": ("aoi_lightning.data.check_command", "data set check and preview.png"),
-    "report": ("aoi_lightning.report.command", "(re)write the run's HTML report"),
+    "export": ("aoi_lightning.commands.export", "ONNX export of a trained run (export/model.onnx)"),
+    "consistency": ("aoi_lightning.commands.consistency", "ONNX-vs-torch check of an exported run"),
+    "compare": ("aoi_lightning.commands.compare", "side-by-side comparison of two or more runs"),
+    "check-data": ("aoi_lightning.commands.check_data", "data set check and preview.png"),
+    "report": ("aoi_lightning.commands.report", "(re)write the run's HTML report"),
 }
 
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if command in EXTRA_COMMANDS:
             module = importlib.import_module(EXTRA_COMMANDS[command][0])
             return int(module.main(argv[1:]) or 0)
-        from aoi_lightning.lightning_cli import AoiCLI
+        from aoi_lightning.commands.lightning import AoiCLI
 
         AoiCLI(args=argv)
         return 0

@@ -20,9 +20,9 @@ from aoi_lightning.export.consistency import (
     summary_line,
 )
 from aoi_lightning.export.onnx_export import CONSISTENCY_FILE
+from aoi_lightning.fileio import write_json
 from aoi_lightning.models.components.nearest_neighbors import exact_search
-from aoi_lightning.runs.jsonio import write_json
-from aoi_lightning.runs.meta import utc_now
+from aoi_lightning.rundir.meta import utc_now
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from aoi_lightning.report.build import build_report_data, run_facts, write_report
-from aoi_lightning.report.overlays import render_model_overlays
+from aoi_lightning.report.gallery import render_model_overlays
 
 log = logging.getLogger(__name__)
 

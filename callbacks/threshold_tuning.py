@@ -10,8 +10,8 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 
-from aoi_lightning.runs.jsonio import write_json
-from aoi_lightning.runs.scoring import score_loader
+from aoi_lightning.fileio import write_json
+from aoi_lightning.rundir.scoring import score_loader
 from aoi_lightning.thresholds.search import (
     best_f1_threshold,
     best_pixel_threshold,

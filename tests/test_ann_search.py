@@ -243,7 +243,7 @@ def test_fit_with_hnsw_index(aoi_cli, tiny_fit_argv, tiny_mvtec_root, tiny_runs_
     # 12 images x 8 x 8 patches, all kept: the graph index is really used
     assert "faiss hnsw index over 768 x" in caplog.text and "ef_search=40" in caplog.text
     # `aoi run` builds the model from the checkpoint and takes the search setting from the run's config.yaml
-    from aoi_lightning.runs.loading import load_run_model
+    from aoi_lightning.rundir.loading import load_run_model
 
     module, _ = load_run_model(run)
     assert module.model.index == "hnsw" and module.model.index_params == {"ef_search": 40}

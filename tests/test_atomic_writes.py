@@ -1,4 +1,4 @@
-"""Atomic JSON writes (`aoi_lightning.runs.jsonio`): a crash or a failure while writing leaves the old file or
+"""Atomic JSON writes (`aoi_lightning.fileio`): a crash or a failure while writing leaves the old file or
 the new one, never a mix; a failed write leaves no temporary file behind."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from aoi_lightning.runs import jsonio
-from aoi_lightning.runs.jsonio import read_json, write_json
+from aoi_lightning import fileio as jsonio
+from aoi_lightning.fileio import read_json, write_json
 
 #: Rewrites report.json without end, alternating two versions of different sizes.
 WRITER = (
     "import itertools, sys\n"
-    "from aoi_lightning.runs.jsonio import write_json\n"
+    "from aoi_lightning.fileio import write_json\n"
     "for i in itertools.count():\n"
     "    v = i % 2\n"
     "    write_json(sys.argv[1], {'version': v, 'payload': ('ab' if v else 'c') * 400_000})\n"

@@ -20,10 +20,10 @@ from PIL import Image
 import aoi_lightning.data.image_io as image_io
 from aoi_lightning.data.check import inspect_image
 from aoi_lightning.data.image_io import ImageReadError, image_header, read_image, read_image_with_size
+from aoi_lightning.fileio import read_json, read_jsonl
 from aoi_lightning.postprocess.defects import extract_defects
 from aoi_lightning.postprocess.outputs import ModelFacts, OutputOptions, PredictionOutputs
-from aoi_lightning.postprocess.overlay import BOX_COLOR, render_overlay
-from aoi_lightning.runs.jsonio import read_json, read_jsonl
+from aoi_lightning.postprocess.render import BOX_COLOR, render_overlay
 
 #: `aoi` in a child process that reports its peak resident memory (kB) on its last stderr line.
 CHILD = (

@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
+from aoi_lightning.commands.check_data import LABEL_WIDTH
 from aoi_lightning.data.check import check_category
-from aoi_lightning.data.check_command import LABEL_WIDTH
 from aoi_lightning.data.synthetic import DEFECT_TYPES
-from aoi_lightning.runs.jsonio import read_json
+from aoi_lightning.fileio import read_json
 
 
 @pytest.fixture()

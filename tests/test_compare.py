@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from aoi_lightning.compare.table import ROWS, best_labels
-from aoi_lightning.runs.jsonio import read_json
+from aoi_lightning.fileio import read_json
 
 # the tiny tree has two images per defect type (test + val): the mild and the severe case
 DEFECT_CASES = ("mild", "severe")

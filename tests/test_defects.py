@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from aoi_lightning.postprocess.defects import extract_defects
-from aoi_lightning.postprocess.overlay import NG_COLOR, OK_COLOR, heat_colors, render_overlay, save_mask_png, write_png
+from aoi_lightning.postprocess.render import NG_COLOR, OK_COLOR, heat_colors, render_overlay, save_mask_png, write_png
 
 
 def _read(path: Path) -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from aoi_lightning.runs.jsonio import read_jsonl
+from aoi_lightning.fileio import read_jsonl
 
 
 def test_padim_fit_with_the_same_seed_gives_identical_scores_and_thresholds(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aoi_lightning.runs.loading import RunError, load_checkpoint_model, load_run_model
+from aoi_lightning.rundir.loading import RunError, load_checkpoint_model, load_run_model
 
 
 class _CreatesFile:

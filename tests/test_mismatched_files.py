@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from aoi_lightning.runs.jsonio import read_jsonl
+from aoi_lightning.fileio import read_jsonl
 
 
 def _error_line(capsys, command: str) -> str:

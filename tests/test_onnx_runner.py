@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aoi_lightning.deploy.onnx_predictor import OnnxPredictor, OnnxRunError
+from aoi_lightning.inference.onnx_backend import OnnxPredictor, OnnxRunError
 
 BLOCK_TORCH = (
     "import sys\n"

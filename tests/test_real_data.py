@@ -55,7 +55,7 @@ def test_sigkill_and_resume_on_the_transistor_test_images(tmp_path, aoi_cli) -> 
     import sys
     import time
 
-    from aoi_lightning.runs.jsonio import read_jsonl
+    from aoi_lightning.fileio import read_jsonl
 
     fit = [
         "fit", "--config", REPO_ROOT / "experiments" / "patchcore_mvtec.yaml", "--data.root", MVTEC_ROOT,

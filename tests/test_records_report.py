@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from aoi_lightning.fileio import output_name
 from aoi_lightning.postprocess.outputs import (
     ModelFacts,
     OutputOptions,
@@ -17,7 +18,7 @@ from aoi_lightning.postprocess.outputs import (
     finish_outputs,
     merge_rank_files,
 )
-from aoi_lightning.postprocess.records import build_report, error_record, output_name, prediction_record
+from aoi_lightning.postprocess.records import build_report, error_record, prediction_record
 
 RECORD_KEYS = {
     "image_path", "model", "category", "image_size", "model_input_size", "gt_label", "pred_score",

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from aoi_lightning.fileio import read_json, read_jsonl
 from aoi_lightning.report.build import build_report_data, pick_gallery
 from aoi_lightning.report.html import render_html
 from aoi_lightning.report.plots import average_precision, pr_curve, roc_curve
-from aoi_lightning.runs.jsonio import read_json, read_jsonl
 
 SECTIONS = ("Metrics", "Thresholds", "ROC", "histogram", "Per defect type", "false positives", "false negatives")
 

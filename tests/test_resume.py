@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from aoi_lightning.runs.jsonio import read_jsonl
+from aoi_lightning.fileio import read_jsonl
 
 RUN = "import sys; from aoi_lightning.cli import main; sys.exit(main(sys.argv[1:]))"
 N_IMAGES = 150

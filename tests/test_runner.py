@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from aoi_lightning.runs.jsonio import read_json, read_jsonl
+from aoi_lightning.fileio import read_json, read_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from aoi_lightning.models.components.base import MAX_TILE_GAIN
 from aoi_lightning.models.components.tiler import Tiler, normalized_axis_weights, ramp_weights, tile_starts
 from aoi_lightning.models.padim.torch_model import PadimModel
 from aoi_lightning.models.patchcore.torch_model import PatchcoreModel
-from aoi_lightning.runs.loading import load_checkpoint_model
+from aoi_lightning.rundir.loading import load_checkpoint_model
 
 
 @pytest.fixture(autouse=True)

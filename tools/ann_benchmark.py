@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     import faiss
 
     from aoi_lightning.data.mvtec import scan_mvtec
-    from aoi_lightning.runs.loading import load_run_model
+    from aoi_lightning.rundir.loading import load_run_model
 
     torch.manual_seed(args.seed)
     default_threads = faiss.omp_get_max_threads()

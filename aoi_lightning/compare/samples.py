@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from aoi_lightning.compare.table import RunSummary
-from aoi_lightning.postprocess.overlay import write_png
-from aoi_lightning.report.overlays import (
+from aoi_lightning.fileio import read_jsonl
+from aoi_lightning.postprocess.render import write_png
+from aoi_lightning.report.gallery import (
     fit_height,
     gt_mask_path,
     hstack,
@@ -22,7 +23,6 @@ from aoi_lightning.report.overlays import (
     placeholder,
     read_bgr,
 )
-from aoi_lightning.runs.jsonio import read_jsonl
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aoi_lightning.runs.jsonio import read_json
-from aoi_lightning.runs.loading import RunError, read_run_info
+from aoi_lightning.fileio import read_json
+from aoi_lightning.rundir.loading import RunError, read_run_info
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from pathlib import Path
 import onnx
 import torch
 
+from aoi_lightning.fileio import dumps, read_json, write_json
 from aoi_lightning.models.components.base import AnomalyTorchModel, InferenceOutput
 from aoi_lightning.models.components.weights import sha256_of
-from aoi_lightning.runs.jsonio import dumps, read_json, write_json
-from aoi_lightning.runs.meta import package_versions, utc_now
+from aoi_lightning.rundir.meta import package_versions, utc_now
 
 log = logging.getLogger(__name__)
 

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
+from aoi_lightning.fileio import dumps, output_name, read_jsonl, write_json, write_jsonl
 from aoi_lightning.postprocess.defects import extract_defects
-from aoi_lightning.postprocess.overlay import render_overlay, save_mask_png, write_png
-from aoi_lightning.postprocess.records import build_report, error_record, output_name, prediction_record
-from aoi_lightning.runs.jsonio import dumps, read_jsonl, write_json, write_jsonl
+from aoi_lightning.postprocess.records import build_report, error_record, prediction_record
+from aoi_lightning.postprocess.render import render_overlay, save_mask_png, write_png
 
 log = logging.getLogger(__name__)
 
 MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
 PREDS_FILE = "preds.jsonl"
-REPORT_FILE = "report.json"
+REPORT_JSON = "report.json"
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ class PredictionOutputs:
 def finish_outputs(output_dir: str | Path, records: list[dict], facts: ModelFacts, run_id: str) -> dict:
     """Write `report.json` for `records` (the content of `preds.jsonl`) and return it."""
     report = build_report(records, facts.model, facts.category, run_id, facts.report_thresholds())
-    write_json(Path(output_dir) / REPORT_FILE, report)
+    write_json(Path(output_dir) / REPORT_JSON, report)
     return report
 
 

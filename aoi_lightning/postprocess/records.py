@@ -1,13 +1,10 @@
-"""The records of `preds.jsonl`, the run summary `report.json`, and safe output file names."""
+"""The records of `preds.jsonl` and the run summary `report.json`."""
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import math
-import re
 from collections.abc import Sequence
-from pathlib import Path, PurePath
 
 #: Keys of a successful `preds.jsonl` record, in file order (`mask_path`/`overlay_path` only when saved).
 RECORD_KEYS = (
@@ -30,9 +27,6 @@ RECORD_KEYS = (
 OPTIONAL_KEYS = ("mask_path", "overlay_path")
 ERROR_KEYS = ("image_path", "error")
 THRESHOLD_KEYS = ("image_threshold", "pixel_threshold", "quantile_image", "quantile_pixel")
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-_MAX_NAME = 120
 
 
 def prediction_record(
@@ -135,39 +129,3 @@ def _number(value) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def output_name(image_path: str | Path, root: str | Path | None = None) -> str:
-    """File name stem for the outputs (mask, overlay) of an image: unique per path, safe on any file system.
-
-    The path relative to `root` with folders joined by `__` and the extension dropped (`sub/0001.png` ->
-    `sub__0001`). When that is not an exact, reversible rendering of `<rel>.png` (other extension, characters
-    outside [A-Za-z0-9._-], `__` in a part, a leading dot, a long path, or a file outside `root`), a short hash
-    of the relative path is appended (`my_part-3f2a9c01d4`), so two different inputs never share a name. The
-    result has no path separators and never starts with a dot.
-    """
-    path = PurePath(image_path)
-    rel: PurePath | None = None
-    if root is not None:
-        try:
-            rel = path.relative_to(PurePath(root))
-        except ValueError:
-            rel = None
-    if rel is None or not rel.parts or ".." in rel.parts:
-        rel, outside = PurePath(path.name), True
-    else:
-        outside = False
-    parts = [*rel.parts[:-1], rel.stem]
-    friendly = "__".join(_UNSAFE.sub("_", p) for p in parts)
-    friendly = "_" + friendly[1:] if friendly.startswith(".") else friendly
-    exact = (
-        not outside
-        and rel.suffix == ".png"
-        and "/".join(friendly.split("__")) + ".png" == rel.as_posix()
-        and all(p and "__" not in p for p in parts)
-        and len(friendly) <= _MAX_NAME
-    )
-    if exact:
-        return friendly
-    digest = hashlib.sha1(str(path if outside else rel.as_posix()).encode("utf-8", "surrogatepass")).hexdigest()[:10]
-    return f"{friendly[:_MAX_NAME]}-{digest}"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aoi_lightning.report.html import REPORT_FILE, GalleryItem, ReportData, render_html
-from aoi_lightning.report.overlays import (
+from aoi_lightning.fileio import write_text_atomic
+from aoi_lightning.report.gallery import (
     encode,
     fit_height,
     gt_mask_path,
@@ -20,9 +20,9 @@ from aoi_lightning.report.overlays import (
     placeholder,
     read_bgr,
 )
+from aoi_lightning.report.html import REPORT_HTML, GalleryItem, ReportData, render_html
 from aoi_lightning.report.plots import curves_png, histogram_png
-from aoi_lightning.runs.jsonio import write_text_atomic
-from aoi_lightning.runs.meta import utc_now
+from aoi_lightning.rundir.meta import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def build_report_data(
 
 def write_report(run_dir: str | Path, data: ReportData) -> Path:
     """Write `<run_dir>/report.html` atomically and return its path."""
-    return write_text_atomic(Path(run_dir) / REPORT_FILE, render_html(data))
+    return write_text_atomic(Path(run_dir) / REPORT_HTML, render_html(data))
 
 
 def run_facts(

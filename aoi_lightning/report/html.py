@@ -7,7 +7,7 @@ import html
 import math
 from dataclasses import dataclass, field
 
-REPORT_FILE = "report.html"
+REPORT_HTML = "report.html"
 
 #: Rows of the metrics table: (key in a metrics.json section, label, number format).
 METRIC_ROWS = (

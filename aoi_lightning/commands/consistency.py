@@ -17,8 +17,8 @@ from aoi_lightning.export.consistency import (
     summary_line,
 )
 from aoi_lightning.export.onnx_export import CONSISTENCY_FILE, MODEL_FILE, onnx_input_size, read_export_meta
-from aoi_lightning.runs.jsonio import write_json
-from aoi_lightning.runs.meta import utc_now
+from aoi_lightning.fileio import write_json
+from aoi_lightning.rundir.meta import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def consistency_run(
     batch_size: int = 8,
 ) -> dict:
     """Check the export of `run_dir` and write `export/consistency.json`; returns the record."""
-    from aoi_lightning.runs.loading import load_run_model, read_run_info
+    from aoi_lightning.rundir.loading import load_run_model, read_run_info
 
     info = read_run_info(run_dir)
     onnx_path = info.run.export / MODEL_FILE

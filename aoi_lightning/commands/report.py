@@ -6,10 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
+from aoi_lightning.fileio import read_json, read_jsonl
 from aoi_lightning.report.build import OverlaySource, build_report_data, run_facts, write_report
-from aoi_lightning.report.overlays import image_key, prediction_overlays, read_bgr, render_model_overlays
-from aoi_lightning.runs.jsonio import read_json, read_jsonl
-from aoi_lightning.runs.loading import RunError, load_run_model, read_run_info
+from aoi_lightning.report.gallery import image_key, prediction_overlays, read_bgr, render_model_overlays
+from aoi_lightning.rundir.loading import RunError, load_run_model, read_run_info
 
 log = logging.getLogger(__name__)
 

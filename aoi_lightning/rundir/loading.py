@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from aoi_lightning.fileio import differing_value
 from aoi_lightning.models.lightning_base import AnomalyModule
-from aoi_lightning.runs.jsonio import differing_value
-from aoi_lightning.runs.layout import RunDir
+from aoi_lightning.rundir.layout import RunDir
 
 #: Model classes a checkpoint may name (nothing else is ever imported from a checkpoint).
 _PADIM = "aoi_lightning.models.padim.lightning_model:Padim"

@@ -13,9 +13,9 @@ import numpy as np
 
 from aoi_lightning.data.image_io import ImageReadError, read_image, read_mask, resize_image
 from aoi_lightning.data.mvtec import find_mask
+from aoi_lightning.fileio import read_jsonl
 from aoi_lightning.postprocess.defects import extract_defects
-from aoi_lightning.postprocess.overlay import render_overlay
-from aoi_lightning.runs.jsonio import read_jsonl
+from aoi_lightning.postprocess.render import render_overlay
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ import time
 
 from lightning.pytorch import Trainer
 
+from aoi_lightning.fileio import write_json, write_jsonl
 from aoi_lightning.models.lightning_base import AnomalyModule
-from aoi_lightning.runs.jsonio import write_json, write_jsonl
-from aoi_lightning.runs.layout import RunDir, new_run_id
-from aoi_lightning.runs.meta import build_meta
-from aoi_lightning.runs.scoring import score_loader
+from aoi_lightning.rundir.layout import RunDir, new_run_id
+from aoi_lightning.rundir.meta import build_meta
+from aoi_lightning.rundir.scoring import score_loader
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 from aoi_lightning.data.image_io import list_images
-from aoi_lightning.postprocess.outputs import PREDS_FILE, REPORT_FILE, OutputOptions
-from aoi_lightning.runner.inference import run_folder
+from aoi_lightning.inference.folder import load_predictor, run_folder
+from aoi_lightning.postprocess.outputs import PREDS_FILE, REPORT_JSON, OutputOptions
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _predictor(backend: str, model_dir: str, device: str):
-    """The model behind `--backend`; the onnx one never imports torch."""
-    if backend == "onnx":
-        from aoi_lightning.deploy.onnx_predictor import OnnxPredictor
-
-        return OnnxPredictor.from_run(model_dir, device)
-    from aoi_lightning.runner.inference import TorchPredictor, resolve_device
-
-    return TorchPredictor.from_run(model_dir, resolve_device(device))
-
-
 def collect_images(input_dir: Path, output_dir: Path, recursive: bool) -> list[Path]:
     """Images of `input_dir` (sorted), leaving out anything inside `output_dir` (earlier results)."""
     out = output_dir.resolve()
@@ -104,7 +93,7 @@ def main(argv: list[str]) -> int:
         )
     except ValueError as exc:
         raise RunnerError(f"--{exc}") from exc
-    predictor = _predictor(args.backend, args.model_dir, args.device)
+    predictor = load_predictor(args.backend, args.model_dir, args.device)
     input_root = input_dir.resolve()
     paths = collect_images(input_root, output_dir, args.recursive)
     if not paths:
@@ -123,6 +112,6 @@ def main(argv: list[str]) -> int:
     print(
         f"aoi run: {report['num_images']} images ({report['num_ok']} OK, {report['num_ng']} NG), "
         f"{report['num_errors']} errors, {report['images_per_second']:.1f} images/s -> "
-        f"{output_dir / PREDS_FILE}, {output_dir / REPORT_FILE}"
+        f"{output_dir / PREDS_FILE}, {output_dir / REPORT_JSON}"
     )
     return 0

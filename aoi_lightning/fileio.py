@@ -1,13 +1,16 @@
-"""Atomic JSON/JSONL/text writing: temporary file in the same folder, fsync, then rename."""
+"""Plain file I/O of the bottom layer: atomic JSON/JSONL/text writing (temporary file in the same folder,
+fsync, then rename), JSON Lines reading that survives a torn last line, and safe output file names."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePath
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -106,3 +109,43 @@ def differing_value(on_disk: object, expected: dict[str, float], rel_tol: float 
         if not same:
             return key, found
     return None
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_MAX_NAME = 120
+
+
+def output_name(image_path: str | Path, root: str | Path | None = None) -> str:
+    """File name stem for the outputs (mask, overlay) of an image: unique per path, safe on any file system.
+
+    The path relative to `root` with folders joined by `__` and the extension dropped (`sub/0001.png` ->
+    `sub__0001`). When that is not an exact, reversible rendering of `<rel>.png` (other extension, characters
+    outside [A-Za-z0-9._-], `__` in a part, a leading dot, a long path, or a file outside `root`), a short hash
+    of the relative path is appended (`my_part-3f2a9c01d4`), so two different inputs never share a name. The
+    result has no path separators and never starts with a dot.
+    """
+    path = PurePath(image_path)
+    rel: PurePath | None = None
+    if root is not None:
+        try:
+            rel = path.relative_to(PurePath(root))
+        except ValueError:
+            rel = None
+    if rel is None or not rel.parts or ".." in rel.parts:
+        rel, outside = PurePath(path.name), True
+    else:
+        outside = False
+    parts = [*rel.parts[:-1], rel.stem]
+    friendly = "__".join(_UNSAFE.sub("_", p) for p in parts)
+    friendly = "_" + friendly[1:] if friendly.startswith(".") else friendly
+    exact = (
+        not outside
+        and rel.suffix == ".png"
+        and "/".join(friendly.split("__")) + ".png" == rel.as_posix()
+        and all(p and "__" not in p for p in parts)
+        and len(friendly) <= _MAX_NAME
+    )
+    if exact:
+        return friendly
+    digest = hashlib.sha1(str(path if outside else rel.as_posix()).encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{friendly[:_MAX_NAME]}-{digest}"

@@ -7,8 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from aoi_lightning.fileio import write_bytes_atomic
 from aoi_lightning.postprocess.defects import scale_bbox
-from aoi_lightning.runs.jsonio import write_bytes_atomic
 
 OK_COLOR = (0, 200, 0)  # BGR
 NG_COLOR = (0, 0, 255)

@@ -1,7 +1,8 @@
-"""The AOI runner: a trained model over a folder of images, results written with the shared output code.
+"""The folder runner behind `aoi run`: a trained model over a list of images, results written with the shared
+output code.
 
-The model is behind a small `Predictor` interface (`predict(images) -> (scores, maps)` plus the facts of
-the model), so that another back end (e.g. ONNX Runtime) plugs in without touching the loop.
+The model is behind a small `Predictor` interface (`predict(images) -> (scores, maps)` plus the facts of the
+model); the back ends (`torch_backend`, `onnx_backend`) implement it and `load_predictor` picks one.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Protocol
 import numpy as np
 
 from aoi_lightning.data.image_io import ImageReadError, read_image_with_size, resize_image
+from aoi_lightning.fileio import read_jsonl
 from aoi_lightning.postprocess.outputs import ModelFacts, OutputOptions, PredictionOutputs, finish_outputs
-from aoi_lightning.runs.jsonio import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -33,57 +34,6 @@ class Predictor(Protocol):
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images (B, 3, H, W) float32 in [0, 1] -> scores (B,) and anomaly maps (B, H, W), float32."""
         ...
-
-
-class TorchPredictor:
-    """Predictor over the torch model of a run directory (`weights/model.ckpt`)."""
-
-    def __init__(self, model, facts: ModelFacts, run_id: str, device: str = "cpu") -> None:
-        self.model = model.eval()
-        if str(device).startswith("cuda"):
-            from aoi_lightning.models.components.base import exact_cuda_math
-
-            exact_cuda_math()
-        self.facts = facts
-        self.run_id = run_id
-        self.device = device
-
-    @classmethod
-    def from_run(cls, model_dir: str | Path, device: str = "cpu") -> TorchPredictor:
-        """Load a trained run; errors clearly when it has no checkpoint or no thresholds."""
-        from aoi_lightning.runs.loading import load_run_model
-
-        module, info = load_run_model(model_dir, device=device, require_thresholds=True)
-        threshold_info = dict(getattr(module, "threshold_info", {}) or {})
-        facts = ModelFacts(
-            model=info.model_name or module.model_name,
-            category=info.category,
-            input_size=info.image_size,
-            image_threshold=float(module.model.image_threshold),
-            pixel_threshold=float(module.model.pixel_threshold),
-            thresholds={k: threshold_info.get(k) for k in ("quantile_image", "quantile_pixel")},
-        )
-        return cls(module.model, facts, info.run.path.name, device)
-
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        with torch.inference_mode():
-            out = self.model(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
-            scores = out.pred_score.float().cpu().numpy()
-            maps = out.anomaly_map.float().cpu().numpy()[:, 0]
-        return scores, maps
-
-
-def resolve_device(device: str) -> str:
-    """`cpu`, `cuda` or `auto` (cuda when available) -> a torch device name; errors when cuda is missing."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return device
 
 
 @dataclass
@@ -201,3 +151,17 @@ def run_folder(
     report = finish_outputs(output_dir, records, facts, predictor.run_id)
     report["images_per_second"] = len(todo) / elapsed if elapsed > 0 and todo else 0.0
     return report
+
+
+def load_predictor(backend: str, model_dir: str | Path, device: str = "auto") -> Predictor:
+    """The model of a run directory behind `backend` (`torch`: weights/model.ckpt; `onnx`: export/model.onnx
+    with ONNX Runtime, never importing torch)."""
+    if backend == "onnx":
+        from aoi_lightning.inference.onnx_backend import OnnxPredictor
+
+        return OnnxPredictor.from_run(model_dir, device)
+    if backend != "torch":
+        raise ValueError(f"--backend: {backend!r} is not one of torch, onnx")
+    from aoi_lightning.inference.torch_backend import TorchPredictor, resolve_device
+
+    return TorchPredictor.from_run(model_dir, resolve_device(device))

@@ -15,9 +15,9 @@ from aoi_lightning.compare.table import (
     per_defect_rows,
     run_notes,
 )
-from aoi_lightning.runs.jsonio import write_json, write_text_atomic
-from aoi_lightning.runs.loading import RunError
-from aoi_lightning.runs.meta import utc_now
+from aoi_lightning.fileio import write_json, write_text_atomic
+from aoi_lightning.rundir.loading import RunError
+from aoi_lightning.rundir.meta import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _render(runs, cases, device: str) -> tuple[dict, list[str]]:
     """Overlays drawn by the models of runs that have no predictions (`--render_missing`)."""
-    from aoi_lightning.report.overlays import render_model_overlays
-    from aoi_lightning.runs.loading import load_run_model
+    from aoi_lightning.report.gallery import render_model_overlays
+    from aoi_lightning.rundir.loading import load_run_model
 
     rendered, notes = {}, []
     for run in runs:

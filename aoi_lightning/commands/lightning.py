@@ -13,10 +13,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from aoi_lightning.data.datamodule import MVTecDataModule
 from aoi_lightning.distributed import resolve_strategy
+from aoi_lightning.fileio import write_text_atomic
 from aoi_lightning.models.lightning_base import AnomalyModule
-from aoi_lightning.runs.artifacts import write_eval_outputs, write_fit_outputs
-from aoi_lightning.runs.jsonio import write_text_atomic
-from aoi_lightning.runs.layout import RunDir, new_run_id
+from aoi_lightning.rundir.artifacts import write_eval_outputs, write_fit_outputs
+from aoi_lightning.rundir.layout import RunDir, new_run_id
 
 log = logging.getLogger("aoi_lightning")
 
@@ -86,7 +86,7 @@ class AoiCLI(LightningCLI):
             cfg = self.config[subcommand]
             ckpt = cfg.get("ckpt_path")
             if ckpt and Path(ckpt).is_file():
-                from aoi_lightning.runs.loading import check_checkpoint_for_config
+                from aoi_lightning.rundir.loading import check_checkpoint_for_config
 
                 check_checkpoint_for_config(ckpt, str(cfg.model.class_path), "the config (--config / --model)")
 

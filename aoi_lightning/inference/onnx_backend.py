@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aoi_lightning.fileio import differing_value
 from aoi_lightning.postprocess.outputs import ModelFacts
-from aoi_lightning.runs.jsonio import differing_value
 
 EXPORT_DIR = "export"
 ONNX_FILE = "model.onnx"

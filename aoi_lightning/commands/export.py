@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from aoi_lightning.export.onnx_export import DEFAULT_OPSET, ExportError, export_module
-from aoi_lightning.runs.jsonio import differing_value, read_json
+from aoi_lightning.fileio import differing_value, read_json
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def run_threshold_info(module, run_path: Path) -> dict:
 
 def export_run(run_dir: str | Path, opset: int = DEFAULT_OPSET) -> Path:
     """Export `run_dir` to `run_dir/export/model.onnx`; returns its path."""
-    from aoi_lightning.runs.loading import load_run_model
+    from aoi_lightning.rundir.loading import load_run_model
 
     module, info = load_run_model(run_dir, "cpu", require_thresholds=False)
     if not module.model.has_thresholds:

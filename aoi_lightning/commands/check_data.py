@@ -11,8 +11,8 @@ import numpy as np
 
 from aoi_lightning.data.check import GroupEntry, check_category, summary_lines
 from aoi_lightning.data.image_io import ImageReadError, read_image, read_mask
-from aoi_lightning.postprocess.overlay import write_png
-from aoi_lightning.runs.jsonio import write_json
+from aoi_lightning.fileio import write_json
+from aoi_lightning.postprocess.render import write_png
 
 MASK_COLOR = (0, 0, 255)  # BGR red
 LABEL_WIDTH = 170

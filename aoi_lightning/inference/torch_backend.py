@@ -1,0 +1,60 @@
+"""Inference with the torch model of a run directory (`weights/model.ckpt`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from aoi_lightning.postprocess.outputs import ModelFacts
+
+
+class TorchPredictor:
+    """Predictor over the torch model of a run directory (`weights/model.ckpt`)."""
+
+    def __init__(self, model, facts: ModelFacts, run_id: str, device: str = "cpu") -> None:
+        self.model = model.eval()
+        if str(device).startswith("cuda"):
+            from aoi_lightning.models.components.base import exact_cuda_math
+
+            exact_cuda_math()
+        self.facts = facts
+        self.run_id = run_id
+        self.device = device
+
+    @classmethod
+    def from_run(cls, model_dir: str | Path, device: str = "cpu") -> TorchPredictor:
+        """Load a trained run; errors clearly when it has no checkpoint or no thresholds."""
+        from aoi_lightning.rundir.loading import load_run_model
+
+        module, info = load_run_model(model_dir, device=device, require_thresholds=True)
+        threshold_info = dict(getattr(module, "threshold_info", {}) or {})
+        facts = ModelFacts(
+            model=info.model_name or module.model_name,
+            category=info.category,
+            input_size=info.image_size,
+            image_threshold=float(module.model.image_threshold),
+            pixel_threshold=float(module.model.pixel_threshold),
+            thresholds={k: threshold_info.get(k) for k in ("quantile_image", "quantile_pixel")},
+        )
+        return cls(module.model, facts, info.run.path.name, device)
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
+            scores = out.pred_score.float().cpu().numpy()
+            maps = out.anomaly_map.float().cpu().numpy()[:, 0]
+        return scores, maps
+
+
+def resolve_device(device: str) -> str:
+    """`cpu`, `cuda` or `auto` (cuda when available) -> a torch device name; errors when cuda is missing."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return device
