@@ -180,30 +180,31 @@ def reduce_moments(moments, device: torch.device | str) -> None:
     moments.count = sum_int(moments.count, dev)
 
 
-def gather_bank(model) -> None:
-    """Gather PatchCore's training patches on rank 0 (rank order = image order); other ranks drop theirs."""
-    part = model._bank[: model._filled].clone() if model._bank is not None else None
-    parts = gather_objects_to_zero(part)
+def gather_patches(model) -> None:
+    """Put the training patches of every rank together on rank 0 (rank order = image order); the other ranks
+    drop theirs."""
+    part = model.take_training_patches()
+    parts = gather_objects_to_zero(None if part is None else part.clone())
     if rank() == 0:
         pieces = [p for p in parts if p is not None and p.shape[0] > 0]
-        if pieces:
-            model._bank = torch.cat(pieces)
-            model._filled = model._bank.shape[0]
-    else:
-        model._bank, model._filled = None, 0
+        model.put_training_patches(torch.cat(pieces) if pieces else None)
 
 
 def finalize_distributed(model) -> None:
-    """Finalize a fit whose images were spread over the ranks; every rank ends with the same fitted model."""
-    from aoi_lightning.models.padim.torch_model import PadimModel
-    from aoi_lightning.models.patchcore.torch_model import PatchcoreModel
+    """Finalize a fit whose images were spread over the ranks; every rank ends with the same fitted model.
 
+    The model says how its fit combines (`fit_combination`): `sum` (PaDiM: the moments of `fit_accumulator()`
+    are re-centred and summed over ranks, then every rank finalizes the same sums) or `gather` (PatchCore: the
+    patches of `take_training_patches()` go to rank 0, which runs the coreset once and broadcasts the memory bank
+    to the others' `set_memory_bank`).
+    """
+    kind = getattr(model, "fit_combination", None)
     device = model.fitted.device
-    if isinstance(model, PadimModel):
-        reduce_moments(model._moments, device)
+    if kind == "sum":
+        reduce_moments(model.fit_accumulator(), device)
         model.finalize()  # the same inputs on every rank: the same statistics, without a 2nd broadcast
-    elif isinstance(model, PatchcoreModel):
-        gather_bank(model)
+    elif kind == "gather":
+        gather_patches(model)
         error = None
         if rank() == 0:
             try:
@@ -215,9 +216,7 @@ def finalize_distributed(model) -> None:
         if error is not None:
             raise error
         if rank() != 0:
-            model.memory_bank = bank.to(device)
-            model._bank, model._filled, model._searcher = None, 0, None
-            model.fitted.fill_(True)
+            model.set_memory_bank(bank)
     else:
         raise TypeError(f"{type(model).__name__} has no distributed fit")
     log.info("fit combined over %d processes", world_size())

@@ -21,7 +21,6 @@ from aoi_lightning.export.consistency import (
 )
 from aoi_lightning.export.onnx_export import CONSISTENCY_FILE
 from aoi_lightning.fileio import write_json
-from aoi_lightning.models.components.nearest_neighbors import exact_search
 from aoi_lightning.rundir.meta import utc_now
 
 log = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ class OnnxConsistencyCheck(pl.Callback):
             else datamodule.test_dataloader()
         )
         images = loader_images(loader, self.max_images)
-        with exact_search(model):  # the graph searches exactly: an approximate faiss index is not what it checks
+        with model.exact_search():  # the graph searches exactly: an approximate faiss index is not what it checks
             result = check_consistency(
                 model,
                 onnx_path,

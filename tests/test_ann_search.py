@@ -13,7 +13,6 @@ from aoi_lightning.models.components.nearest_neighbors import (
     INDEX_PARAMS,
     FaissSearcher,
     default_nlist,
-    exact_search,
     index_options,
     knn_torch,
 )
@@ -184,33 +183,32 @@ def _fitted(index: str = "flat", index_params: dict | None = None, rows: int = 3
 
 
 def test_model_index_is_lazy_and_not_in_the_checkpoint() -> None:
-    from aoi_lightning.export.onnx_export import export_mode
-
     flat = _fitted()
     hnsw = _fitted("hnsw", {"ef_search": 48})
     noise = torch.randn(40, flat.embedding_dim, generator=torch.Generator().manual_seed(7))
     queries = flat.memory_bank[:40] + 0.05 * noise  # the nearest row of query j is row j
-    assert hnsw._searcher is None  # built on the first search
+    assert hnsw.active_index is None  # built on the first search
     d_h, i_h = hnsw.nearest(queries, 1)
-    assert hnsw._searcher.kind == "hnsw" and hnsw._searcher.params["ef_search"] == 48
+    assert hnsw.active_index == "hnsw"
     assert flat.state_dict().keys() == hnsw.state_dict().keys()  # the index is not a buffer
     assert not any("searcher" in key for key in hnsw.state_dict())
     # a flat-trained state runs with an approximate index: loading resets the index, the next search rebuilds it
     fresh = _fitted("ivf_flat", {"nprobe": 4}, rows=10)
     fresh.nearest(queries, 1)
     fresh.load_state_dict(flat.state_dict())
-    assert fresh._searcher is None
+    assert fresh.active_index is None
     d_i, i_i = fresh.nearest(queries, 1)
-    assert fresh._searcher.kind == "ivf_flat" and fresh._searcher.size == 3000
+    assert fresh.active_index == "ivf_flat"
     d_e, i_e = flat.nearest(queries, 1)
-    assert flat._searcher.kind == "flat"
+    assert flat.active_index == "flat"
     assert torch.equal(i_e[:, 0], torch.arange(40))
     assert float((i_i == i_e).float().mean()) >= 0.95 and float((i_h == i_e).float().mean()) >= 0.95
     # changing the setting of a model rebuilds its index
-    fresh.index, fresh.index_params = "flat", {}
-    assert torch.equal(fresh.nearest(queries, 1)[1], i_e) and fresh._searcher.kind == "flat"
+    fresh.use_index("flat")
+    assert fresh.active_index is None
+    assert torch.equal(fresh.nearest(queries, 1)[1], i_e) and fresh.active_index == "flat"
     # the export path is the exact matmul search whatever the index
-    with export_mode(hnsw):
+    with hnsw.export_mode():
         d_x, i_x = hnsw.nearest(queries, 1)
     ref_d, ref_i = knn_torch(queries, hnsw.memory_bank, 1)
     assert torch.equal(i_x, ref_i) and hnsw.search == "faiss"
@@ -268,11 +266,10 @@ def test_exact_search_context_keeps_the_approximate_index() -> None:
     model = _fitted("ivf_flat", {"nprobe": 1})
     queries = torch.randn(300, model.embedding_dim, generator=torch.Generator().manual_seed(8))
     approx = model.nearest(queries, 1)
-    built = model._searcher
-    with exact_search(model):
+    with model.exact_search():
         d, i = model.nearest(queries, 1)
-        assert model._searcher.kind == "flat"
+        assert model.active_index == "flat"
     ref_d, ref_i = knn_torch(queries, model.memory_bank, 1)
     assert torch.equal(i, ref_i) and not torch.equal(approx[1], ref_i)  # nprobe 1 of 55 lists misses some
-    assert model.index == "ivf_flat" and model.index_params == {"nprobe": 1} and model._searcher is built
+    assert model.index == "ivf_flat" and model.index_params == {"nprobe": 1}
     assert torch.equal(model.nearest(queries, 1)[1], approx[1])

@@ -198,7 +198,8 @@ def test_patchcore_bank_preallocation_counts_every_tile() -> None:
     images = _smooth_images(3, 72, 104, seed=5)
     model.update(images)
     stride = model.feature_extractor.strides[0]
-    assert model._filled == model._bank.shape[0] == 3 * 3 * 4 * (32 // stride) ** 2  # 3 x 4 tiles per image
+    patches = model.take_training_patches()
+    assert patches.shape[0] == 3 * 3 * 4 * (32 // stride) ** 2  # 3 x 4 tiles per image
 
 
 @pytest.mark.parametrize("make", [_padim, _patchcore])

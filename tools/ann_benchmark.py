@@ -205,7 +205,7 @@ def auroc_rows(model, bank_name: str, emb: torch.Tensor, batches: list[dict], si
     model.embed = lambda images: current["emb"]  # features computed once, the rest of the forward pass as is
     try:
         for kind, params in configs:
-            model.index, model.index_params = kind, dict(params)
+            model.use_index(kind, dict(params))
             collector = EvaluationCollector()
             start = time.perf_counter()
             offset = 0
@@ -218,7 +218,7 @@ def auroc_rows(model, bank_name: str, emb: torch.Tensor, batches: list[dict], si
                     collector.update(batch, out.pred_score, out.anomaly_map, float("nan"))
             seconds = time.perf_counter() - start
             m = collector.metrics(("test",))
-            effective = model._searcher.kind if model._searcher is not None else kind
+            effective = model.active_index or kind
             rows.append({"bank": bank_name, "bank_size": int(model.memory_bank.shape[0]), "index": kind,
                          "effective_index": effective, "params": dict(params), "image_auroc": m["image_auroc"],
                          "pixel_auroc": m["pixel_auroc"], "pixel_aupro": m["pixel_aupro"],
@@ -226,7 +226,7 @@ def auroc_rows(model, bank_name: str, emb: torch.Tensor, batches: list[dict], si
             _log(f"[auroc {bank_name}] {kind} {params}: image {m['image_auroc']:.4f} pixel {m['pixel_auroc']:.4f}")
     finally:
         del model.embed
-        model.index, model.index_params = "flat", {}
+        model.use_index("flat")
     exact = rows[0]
     for row in rows:
         for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):

@@ -6,7 +6,6 @@ batch axis of PaDiM and cannot down-convert kornia's padding to opset 17. Pure t
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -14,7 +13,6 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -39,19 +37,6 @@ EXTERNAL_DATA_BYTES = 2_000_000_000
 
 class ExportError(ValueError):
     """An export that cannot be made or read; the message says what to do."""
-
-
-@contextlib.contextmanager
-def export_mode(model: AnomalyTorchModel) -> Iterator[None]:
-    """Settings the graph needs while tracing: matmul nearest neighbours for PatchCore (`search="torch"`)."""
-    previous = getattr(model, "search", None)
-    if previous is not None:
-        model.search = "torch"
-    try:
-        yield
-    finally:
-        if previous is not None:
-            model.search = previous
 
 
 def describe_model(model: AnomalyTorchModel) -> dict:
@@ -186,7 +171,7 @@ def export_onnx(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tmp = tmp_dir / path.name
-        with torch.no_grad(), export_mode(model):
+        with torch.no_grad(), model.export_mode():
             _trace(model, (h, w), tmp, opset)
         proto = onnx.load(str(tmp))
         for key, value in _metadata_props(info).items():

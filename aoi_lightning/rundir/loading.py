@@ -187,14 +187,10 @@ def _apply_search_settings(model: AnomalyModule, config: dict) -> None:
     init = (config.get("model") or {}).get("init_args") or {}
     if not hasattr(model.model, "index") or not init.get("index"):
         return
-    from aoi_lightning.models.components.nearest_neighbors import index_options
-
     try:
-        index_options(init["index"], init.get("index_params"))
+        model.model.use_index(str(init["index"]), init.get("index_params"))
     except ValueError as exc:
         raise RunError(f"model.init_args.index in config.yaml: {exc}") from exc
-    model.model.index = str(init["index"])
-    model.model.index_params = dict(init.get("index_params") or {})
 
 
 def load_run_model(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,11 @@ class AnomalyTorchModel(nn.Module):
     """
 
     dynamic_buffers: tuple[str, ...] = ()
+    #: How the fits of several processes combine (see `aoi_lightning.distributed`): `sum` (the model's
+    #: `fit_accumulator()` is summed over processes, then every process finalizes) or `gather` (the
+    #: `take_training_patches()` of all processes are put together on one, which finalizes and hands the result
+    #: to the others with `set_memory_bank`).
+    fit_combination: ClassVar[str] = "sum"
     #: Image score of a tiled forward: True: max of the stitched map; False: max of the tile scores.
     score_is_map_max: bool = True
 
@@ -103,6 +109,18 @@ class AnomalyTorchModel(nn.Module):
     def needs_tile_calibration(self) -> bool:
         """True for a `per_tile` model whose tile gains are not calibrated yet."""
         return self.tiler is not None and self.tile_thresholds == "per_tile" and self.tile_gain.numel() == 0
+
+    @contextlib.contextmanager
+    def export_mode(self) -> Iterator[None]:
+        """Within the block the model runs as its exported graph does (no-op here; PatchCore searches with
+        matrix products instead of faiss)."""
+        yield
+
+    @contextlib.contextmanager
+    def exact_search(self) -> Iterator[None]:
+        """Within the block the model searches exactly, as the exported graph does (no-op here; PatchCore with
+        an approximate faiss index searches exactly and keeps its index for after the block)."""
+        yield
 
     def set_thresholds(self, image_threshold: float, pixel_threshold: float) -> None:
         self.image_threshold.fill_(float(image_threshold))

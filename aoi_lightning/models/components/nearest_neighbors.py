@@ -150,21 +150,6 @@ class FaissSearcher:
         return faiss.downcast_index(self.index.storage).search(q, k)  # HNSW keeps the vectors in a flat index
 
 
-@contextlib.contextmanager
-def exact_search(model: torch.nn.Module) -> Iterator[None]:
-    """Within the block, a model with an approximate faiss index (`model.index`) searches exactly, as the exported
-    graph does; its approximate index is kept for after the block. For comparisons with exact references."""
-    if getattr(model, "index", "flat") == "flat":
-        yield
-        return
-    saved = model.index, model.index_params, model._searcher
-    model.index, model.index_params, model._searcher = "flat", {}, None
-    try:
-        yield
-    finally:
-        model.index, model.index_params, model._searcher = saved
-
-
 def default_nlist(size: int) -> int:
     """IVF list count for a bank of `size` rows: about sqrt(size), at most size / 39 (k-means training)."""
     return max(1, min(round(math.sqrt(size)), size // IVF_MIN_POINTS_PER_LIST))

@@ -99,6 +99,11 @@ class PadimModel(AnomalyTorchModel):
         for part in self.tile_batches(images):
             self._moments.update(self.embed(part).flatten(2))
 
+    def fit_accumulator(self) -> StreamingMoments:
+        """The streaming moments accumulated by `update` since the last `finalize` (summed over processes under
+        DDP before `finalize`)."""
+        return self._moments
+
     @torch.no_grad()
     def finalize(self) -> None:
         """Mean and whitening from the accumulated moments (float64 Cholesky, once), stored a block of positions

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ class PatchcoreModel(AnomalyTorchModel):
 
     dynamic_buffers = ("memory_bank",)
     score_is_map_max = False
+    fit_combination = "gather"
 
     def __init__(
         self,
@@ -137,6 +139,67 @@ class PatchcoreModel(AnomalyTorchModel):
         self._bank[self._filled : self._filled + rows.shape[0]] = rows
         self._filled += rows.shape[0]
 
+    def take_training_patches(self) -> torch.Tensor | None:
+        """The training patches accumulated by `update` (N, D), removed from the model (None when there are none)."""
+        patches = None if self._bank is None else self._bank[: self._filled]
+        self._bank, self._filled = None, 0
+        return patches
+
+    def put_training_patches(self, patches: torch.Tensor | None) -> None:
+        """Replace the accumulated training patches by `patches` (N, D) (e.g. those of every process), ready for
+        `finalize`."""
+        self._bank = None if patches is None else patches.to("cpu", self.bank_dtype)
+        self._filled = 0 if patches is None else int(patches.shape[0])
+
+    def set_memory_bank(self, bank: torch.Tensor) -> None:
+        """Install a finished memory bank (M, D) (e.g. the one another process selected) and mark the model fitted."""
+        self.memory_bank = bank.to(self.fitted.device)
+        self._bank, self._filled, self._searcher = None, 0, None
+        self.fitted.fill_(True)
+
+    def use_index(self, index: str, index_params: dict[str, int] | None = None) -> None:
+        """Search the memory bank with faiss index `index` (`flat`, `ivf_flat`, `hnsw`) from now on; the index is
+        built on the next search.
+
+        Raises:
+            ValueError: an unknown index or parameter, or an approximate index with `search='torch'`.
+        """
+        index_options(index, index_params)
+        if self.search == "torch" and index != "flat":
+            raise ValueError(f"index {index!r} needs search='faiss' (search='torch' is always exact)")
+        self.index, self.index_params, self._searcher = index, dict(index_params or {}), None
+
+    @property
+    def active_index(self) -> str | None:
+        """The kind of faiss index the last search used (`flat` where the bank is too small for the configured
+        approximate one); None before the first search after a change."""
+        return None if self._searcher is None else self._searcher.kind
+
+    @property
+    def num_training_patches(self) -> int:
+        """Training patches accumulated by `update` and not yet reduced by `finalize`."""
+        return self._filled
+
+    @contextlib.contextmanager
+    def exact_search(self) -> Iterator[None]:
+        if self.index == "flat":
+            yield
+            return
+        saved = self.index, self.index_params, self._searcher
+        self.index, self.index_params, self._searcher = "flat", {}, None
+        try:
+            yield
+        finally:
+            self.index, self.index_params, self._searcher = saved
+
+    @contextlib.contextmanager
+    def export_mode(self) -> Iterator[None]:
+        previous, self.search = self.search, "torch"
+        try:
+            yield
+        finally:
+            self.search = previous
+
     @torch.no_grad()
     def finalize(self) -> None:
         """Coreset subsampling of the accumulated bank."""
@@ -149,9 +212,7 @@ class PatchcoreModel(AnomalyTorchModel):
             index = greedy_coreset(bank, k, projection_dim=self.projection_dim, seed=self.seed)
             bank = bank[index]
         self.last_coreset_seconds = time.perf_counter() - start
-        self.memory_bank = bank.clone().to(self.fitted.device)
-        self._bank, self._filled, self._searcher = None, 0, None
-        self.fitted.fill_(True)
+        self.set_memory_bank(bank.clone())
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._searcher = None
