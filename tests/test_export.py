@@ -227,3 +227,36 @@ def test_commands_exit_codes(trained_run, tmp_path, capsys):
     assert main(["consistency", "--run_dir", str(resized)]) == 2
     err = capsys.readouterr().err
     assert "aoi export" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("stats_dtype", ["float16", "float32"])
+def test_float16_statistics_stay_float16_in_the_graph(tmp_path, monkeypatch, stats_dtype):
+    """PaDiM's float16 whitening panels are stored as float16 initializers (the file no larger than the
+    statistics need), with results identical to the float32-folded graph; float32 statistics stay float32."""
+    import onnxruntime as ort
+
+    import aoi_lightning.export.onnx_export as onnx_export
+
+    torch.manual_seed(0)
+    model = PadimModel(weights="none", n_features=40, stats_dtype=stats_dtype).eval()
+    model.update(_images(6, seed=1))
+    model.finalize()
+    model.set_thresholds(1.0, 1.0)
+    monkeypatch.setattr(onnx_export, "FLOAT16_MIN_BYTES", 1 << 10)  # the tiny model's panels are a few kB
+    small = export_onnx(model, (SIZE, SIZE), tmp_path / "small" / MODEL_FILE, {"model": "padim"})
+    monkeypatch.setattr(onnx_export, "FLOAT16_MIN_BYTES", 1 << 40)  # nothing converted
+    plain = export_onnx(model, (SIZE, SIZE), tmp_path / "plain" / MODEL_FILE, {"model": "padim"})
+    halves = [i for i in onnx.load(str(small)).graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    panel_bytes = model.stats.wt_panels.numel() * 2
+    if stats_dtype == "float16":
+        # every panel value as float16 (plus any other exact float16 constant, e.g. a tensor of ones)
+        assert sum(np.prod(i.dims) for i in halves) * 2 >= panel_bytes
+        assert plain.stat().st_size - small.stat().st_size >= panel_bytes * 0.95
+    else:
+        # the panels stay float32 (only exact constants such as the random backbone's zero biases may shrink)
+        assert sum(np.prod(i.dims) for i in halves) * 2 < panel_bytes / 10
+    x = _images(3, seed=4).numpy()
+    out_small = ort.InferenceSession(str(small)).run(None, {"image": x})
+    out_plain = ort.InferenceSession(str(plain)).run(None, {"image": x})
+    for a, b in zip(out_small, out_plain):
+        np.testing.assert_array_equal(a, b)

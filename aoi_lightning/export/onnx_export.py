@@ -15,6 +15,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
@@ -87,6 +88,47 @@ def _metadata_props(meta: dict) -> dict[str, str]:
             props[key] = value if isinstance(value, str) else dumps(value)
     props["format"] = "aoi_lightning.onnx/1"
     return props
+
+
+#: Initializers of at least this many bytes are candidates for float16 storage (see `store_exact_float16`).
+FLOAT16_MIN_BYTES = 1 << 20
+
+
+def store_exact_float16(proto: onnx.ModelProto, min_bytes: int | None = None) -> int:
+    """Store every float32 initializer of at least `min_bytes` whose values are all exact float16 numbers as a
+    float16 initializer widened by a `Cast` node, in place.
+
+    The exporter folds PaDiM's float16 whitening panels (`stats_dtype: float16`) into float32 constants, which
+    doubles the file against the checkpoint; stored back as float16 the graph computes the same numbers (the
+    widening is exact, and ONNX Runtime folds the casts once when it loads the model). Weights that are not
+    exact float16 values (the backbone, float32 statistics) are left alone.
+
+    Returns:
+        The bytes saved.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    min_bytes = FLOAT16_MIN_BYTES if min_bytes is None else min_bytes
+    graph_inputs = {value.name for value in proto.graph.input}
+    casts, saved = [], 0
+    for init in proto.graph.initializer:
+        if init.data_type != TensorProto.FLOAT or init.name in graph_inputs:
+            continue
+        if len(init.raw_data) < min_bytes or not init.raw_data:
+            continue
+        values = numpy_helper.to_array(init)
+        half = values.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), values):
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(half, f"{name}_float16"))
+        casts.append(helper.make_node("Cast", [f"{name}_float16"], [name], to=TensorProto.FLOAT, name=f"{name}_widen"))
+        saved += values.nbytes - half.nbytes
+    if casts:
+        nodes = list(proto.graph.node)
+        del proto.graph.node[:]
+        proto.graph.node.extend(casts + nodes)
+    return saved
 
 
 def _weights_bytes(proto: onnx.ModelProto) -> int:
@@ -174,6 +216,9 @@ def export_onnx(
         with torch.no_grad(), model.export_mode():
             _trace(model, (h, w), tmp, opset)
         proto = onnx.load(str(tmp))
+        saved = store_exact_float16(proto)
+        if saved:
+            log.info("float16 statistics stored as float16 in the graph (%.1f MB saved)", saved / 1e6)
         for key, value in _metadata_props(info).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
