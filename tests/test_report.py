@@ -11,7 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import roc_curve as sklearn_roc_curve
 
 from aoi_lightning.fileio import read_json, read_jsonl
 from aoi_lightning.report.build import build_report_data, pick_gallery
@@ -88,14 +89,27 @@ def assert_self_contained_report(path: Path, metrics: dict) -> PageParser:
 
 # -- curve math ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_roc_and_average_precision_match_sklearn(seed: int) -> None:
+@pytest.mark.parametrize("offset", [0.0, 1000.0])  # far outside [0, 1]: no sigmoid squashing into ties
+def test_roc_and_average_precision_match_sklearn(seed: int, offset: float) -> None:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, 200)
-    scores = np.round(rng.normal(size=200) + labels, 1)  # many ties
-    fpr, tpr, _ = roc_curve(scores, labels)
-    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
-    assert average_precision(scores, labels) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+    scores = np.round(rng.normal(size=200) + labels, 1) * 10 + offset  # many ties
+    fpr, tpr, roc_thresholds = roc_curve(scores, labels)
+    ref_fpr, ref_tpr, ref_thr = sklearn_roc_curve(labels, scores, drop_intermediate=False)
+    # torchmetrics divides its counts in float32: curve points and AP agree with sklearn to float32 precision
+    np.testing.assert_allclose(fpr, ref_fpr, atol=1e-6)
+    np.testing.assert_allclose(tpr, ref_tpr, atol=1e-6)
+    np.testing.assert_array_equal(roc_thresholds, ref_thr[1:])  # sklearn's first point is at +inf
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+    assert average_precision(scores, labels) == pytest.approx(average_precision_score(labels, scores), abs=1e-6)
     precision, recall, thresholds = pr_curve(scores, labels)
+    ref_p, ref_r, ref_t = precision_recall_curve(labels, scores, drop_intermediate=False)
+    # sklearn: ascending thresholds, from the lowest score (recall 1), plus the (recall 0, precision 1) end point
+    ref_p, ref_r, ref_t = ref_p[:-1][::-1], ref_r[:-1][::-1], ref_t[::-1]
+    assert len(precision) == len(recall) == len(thresholds) == len(ref_t) == len(np.unique(scores))
+    np.testing.assert_allclose(precision, ref_p, atol=1e-6)
+    np.testing.assert_allclose(recall, ref_r, atol=1e-6)
+    np.testing.assert_array_equal(thresholds, ref_t)
     assert np.all(np.diff(recall) >= 0) and np.all(np.diff(thresholds) < 0)
     assert recall[-1] == 1.0 and precision[-1] == pytest.approx(labels.mean())
 

@@ -123,13 +123,18 @@ class EvaluationCollector:
         return out
 
 
-def image_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
-    """Exact image AUROC. Scores are min-max scaled first (rank preserving): torchmetrics would otherwise
-    squash scores outside [0, 1] through a sigmoid, which ties large anomaly scores."""
+def unit_scores(scores: torch.Tensor) -> torch.Tensor:
+    """(N,) scores min-max scaled to [0, 1] in float64 (rank preserving) for torchmetrics' binary curves, which
+    would otherwise squash scores outside [0, 1] through a sigmoid and so tie large anomaly scores. All zero when
+    the scores are all equal; undo with `s * (max - min) + min`."""
     s = scores.to(torch.float64)
-    span = float(s.max() - s.min())
-    s = (s - s.min()) / span if span > 0 else torch.zeros_like(s)
-    return _clean(float(binary_auroc(s, labels)))
+    span = float(s.max() - s.min()) if s.numel() else 0.0
+    return (s - s.min()) / span if span > 0 else torch.zeros_like(s)
+
+
+def image_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Exact image AUROC of (N,) scores and 0/1 labels (torchmetrics on `unit_scores`)."""
+    return _clean(float(binary_auroc(unit_scores(scores), labels)))
 
 
 def image_decision_metrics(scores: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict:

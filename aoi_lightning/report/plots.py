@@ -11,55 +11,62 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torchmetrics.functional.classification import (  # noqa: E402
+    binary_average_precision,
+    binary_precision_recall_curve,
+    binary_roc,
+)
+
+from aoi_lightning.metrics.evaluation import image_auroc, unit_scores  # noqa: E402
 
 GOOD_COLOR = "#2e7d32"
 DEFECT_COLOR = "#c62828"
 THRESHOLD_COLOR = "#111111"
 
 
-def _sorted_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cumulative true and false positives at each distinct score, scores descending (NG when score >= t)."""
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], labels[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # last index of each run of equal scores
-    tps = np.cumsum(y)[last]
-    fps = np.cumsum(1 - y)[last]
-    return tps.astype(np.float64), fps.astype(np.float64), s[last]
+def _as_tensors(scores, labels) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Scores scaled to [0, 1] (`unit_scores`), labels as int64, and the distinct scores descending: the
+    thresholds of the exact curves, one per distinct score, given in the original units."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    return unit_scores(torch.as_tensor(s)), y, np.unique(s)[::-1].copy()
 
 
 def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ROC curve of binary labels (1 = defective) for "NG when score >= t".
+    """ROC curve of binary labels (1 = defective) for "NG when score >= t" (torchmetrics `binary_roc`, exact).
 
     Args:
         scores: (N,) image scores.
         labels: (N,) 0/1 labels, both classes present.
 
     Returns:
-        fpr (K+1,), tpr (K+1,) starting at (0, 0), and the thresholds (K,) of the points after the first.
+        fpr (K+1,), tpr (K+1,) starting at (0, 0), and the thresholds (K,) (the K distinct scores, descending)
+        of the points after the first.
     """
-    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64)
-    tps, fps, thr = _sorted_counts(s, y)
-    pos, neg = max(int(y.sum()), 1), max(int((1 - y).sum()), 1)
-    return np.r_[0.0, fps / neg], np.r_[0.0, tps / pos], thr
+    s, y, thresholds = _as_tensors(scores, labels)
+    fpr, tpr, _ = binary_roc(s, y)
+    return fpr.numpy(), tpr.numpy(), thresholds
 
 
 def pr_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Precision-recall curve; recall ascending from the highest threshold, as in the usual definition.
+    """Precision-recall curve (torchmetrics `binary_precision_recall_curve`, exact), one point per distinct score,
+    from the highest threshold down: recall ascending. Needs at least one defective image.
 
     Returns:
-        precision (K,), recall (K,), thresholds (K,) (one point per distinct score).
+        precision (K,), recall (K,), thresholds (K,) (the distinct scores, descending).
     """
-    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64)
-    tps, fps, thr = _sorted_counts(s, y)
-    pos = max(int(y.sum()), 1)
-    precision = tps / np.maximum(tps + fps, 1.0)
-    return precision, tps / pos, thr
+    s, y, thresholds = _as_tensors(scores, labels)
+    precision, recall, _ = binary_precision_recall_curve(s, y)
+    # torchmetrics orders by ascending threshold and appends the (recall 0, precision 1) end point
+    return precision[:-1].flip(0).numpy(), recall[:-1].flip(0).numpy(), thresholds
 
 
 def average_precision(scores, labels) -> float:
-    """Step-wise average precision: sum over thresholds of (recall increase) x precision."""
-    precision, recall, _ = pr_curve(scores, labels)
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    """Step-wise average precision, sum over thresholds of (recall increase) x precision (torchmetrics
+    `binary_average_precision`; equal to scikit-learn's `average_precision_score`)."""
+    s, y, _ = _as_tensors(scores, labels)
+    return float(binary_average_precision(s, y))
 
 
 def _png(fig) -> bytes:
@@ -82,9 +89,9 @@ def curves_png(scores, labels, threshold: float | None, title: str) -> bytes:
     s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     fpr, tpr, _ = roc_curve(s, y)
     precision, recall, _ = pr_curve(s, y)
-    auc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+    auc = image_auroc(torch.as_tensor(s), torch.as_tensor(y))
     fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(9.0, 4.0))
-    ax_roc.plot(fpr, tpr, color=DEFECT_COLOR, lw=2, label=f"AUROC {auc:.4f}")
+    ax_roc.plot(fpr, tpr, color=DEFECT_COLOR, lw=2, label=f"AUROC {auc:.4f}" if auc is not None else "AUROC n/a")
     ax_roc.plot([0, 1], [0, 1], color="#999999", lw=1, ls="--")
     ax_roc.set(
         xlabel="false positive rate (good judged NG)",
