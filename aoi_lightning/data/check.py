@@ -13,12 +13,13 @@ import numpy as np
 from aoi_lightning.data.image_io import (
     MAX_PIXELS,
     ImageReadError,
+    binarise_mask,
     image_header,
     is_image_file,
+    mask_values,
     read_image_with_size,
-    read_mask,
 )
-from aoi_lightning.data.mvtec import DataError, list_images
+from aoi_lightning.data.mvtec import DataError, list_images, masks_by_stem
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +76,30 @@ def inspect_image(path: Path) -> ImageFacts:
     )
 
 
-def _mask_facts(path: Path) -> tuple[tuple[int, int] | None, bool, str]:
-    """(size (h, w), has defect pixels, error) of a mask file."""
+#: Values of a mask that is not two-level listed in the report (the rest counted).
+MAX_LISTED_VALUES = 16
+
+
+def _mask_facts(path: Path) -> tuple[tuple[int, int] | None, bool, str, dict | None]:
+    """(size (h, w), has defect pixels, error, levels) of a mask file, decoded once. `levels` describes a mask
+    of more than two values (`path`, `num_values`, the first `values`, `defect_above`: the binarisation
+    midpoint of `binarise_mask`), None for a two-level mask."""
     try:
-        mask = read_mask(path)
+        values = mask_values(path)
     except ImageReadError as exc:
-        return None, False, str(exc)
-    return (int(mask.shape[0]), int(mask.shape[1])), bool(mask.any()), ""
-
-
-def _masks_by_stem(gt_dir: Path, suffix: str) -> tuple[dict[str, Path], list[Path]]:
-    """Masks of a ground-truth folder by image stem, and the files whose name lacks the mask suffix."""
-    by_stem, odd = {}, []
-    for mask in list_images(gt_dir) if gt_dir.is_dir() else []:
-        if suffix and not mask.stem.endswith(suffix):
-            odd.append(mask)
-        else:
-            by_stem[mask.stem[: len(mask.stem) - len(suffix)]] = mask
-    return by_stem, odd
+        return None, False, str(exc), None
+    mask = binarise_mask(values)
+    levels = None
+    distinct = np.unique(values)
+    if distinct.size > 2:
+        low, high = float(distinct[0]), float(distinct[-1])
+        levels = {
+            "path": str(path),
+            "num_values": int(distinct.size),
+            "values": [v.item() for v in distinct[:MAX_LISTED_VALUES]],
+            "defect_above": (low + high) / 2,
+        }
+    return (int(mask.shape[0]), int(mask.shape[1])), bool(mask.any()), "", levels
 
 
 def check_category(root: str | Path, category: str, mask_suffix: str = "_mask") -> tuple[dict, list[GroupEntry]]:
@@ -100,7 +107,8 @@ def check_category(root: str | Path, category: str, mask_suffix: str = "_mask") 
 
     Returns:
         the report (JSON-ready; keys `counts`, `image_sizes`, `image_modes`, `masks`, `missing_masks`,
-        `orphan_masks`, `mask_size_mismatch`, `empty_masks`, `unreadable`, `ignored_files`, `problems`,
+        `orphan_masks`, `mask_size_mismatch`, `empty_masks`, `multi_level_masks` (masks of more than two
+        values, binarised by the rule of `binarise_mask`, with their values), `unreadable`, `ignored_files`, `problems`,
         `num_problems`) and the groups (for the preview).
 
     Raises:
@@ -127,11 +135,11 @@ def check_category(root: str | Path, category: str, mask_suffix: str = "_mask") 
         ignored += [str(p) for p in sorted(folder.iterdir()) if p.is_file() and not is_image_file(p)]
         groups.append(GroupEntry(split, folder.name, [inspect_image(p) for p in list_images(folder)]))
     gt_root = base / "ground_truth"
-    missing, orphans, mismatch, empty, unreadable_masks = [], [], [], [], []
+    missing, orphans, mismatch, empty, unreadable_masks, multi_level = [], [], [], [], [], []
     for group in groups:
         if group.split != "test" or group.defect_type == "good":
             continue
-        masks, odd = _masks_by_stem(gt_root / group.defect_type, mask_suffix)
+        masks, odd = masks_by_stem(gt_root / group.defect_type, mask_suffix)
         stems = {f.path.stem for f in group.images}
         for facts in group.images:
             mask = masks.get(facts.path.stem)
@@ -139,7 +147,9 @@ def check_category(root: str | Path, category: str, mask_suffix: str = "_mask") 
             if mask is None:
                 missing.append(str(facts.path))
                 continue
-            size, has_defect, error = _mask_facts(mask)
+            size, has_defect, error, levels = _mask_facts(mask)
+            if levels is not None:
+                multi_level.append(levels)
             if error:
                 unreadable_masks.append({"path": str(mask), "error": error})
             elif facts.size is not None and size != facts.size:
@@ -172,6 +182,11 @@ def check_category(root: str | Path, category: str, mask_suffix: str = "_mask") 
     problems += [f"unreadable: {u['error']}" for u in unreadable]
     problems += [f"mask size {m['mask_size']} differs from image size {m['image_size']}: {m['mask']}" for m in mismatch]
     problems += [f"empty mask (no defect pixel): {p}" for p in empty]
+    problems += [
+        f"mask is not two-level ({m['num_values']} values: {_listed(m)}; defect above {m['defect_above']:g}): "
+        f"{m['path']}"
+        for m in multi_level
+    ]
     report = {
         "root": str(root),
         "category": category,
@@ -185,12 +200,18 @@ def check_category(root: str | Path, category: str, mask_suffix: str = "_mask") 
         "orphan_masks": orphans,
         "mask_size_mismatch": mismatch,
         "empty_masks": empty,
+        "multi_level_masks": multi_level,
         "unreadable": unreadable,
         "ignored_files": ignored,
         "problems": problems,
         "num_problems": len(problems),
     }
     return report, groups
+
+
+def _listed(levels: dict) -> str:
+    values = ", ".join(f"{v:g}" for v in levels["values"])
+    return values + (", ..." if levels["num_values"] > len(levels["values"]) else "")
 
 
 def _tally(values) -> dict[str, int]:
@@ -212,7 +233,8 @@ def summary_lines(report: dict) -> list[str]:
     lines.append("  modes: " + (", ".join(f"{m} ({n})" for m, n in modes.most_common()) or "none"))
     lines.append(
         f"  masks: {sum(report['masks'].values())} found, {len(report['missing_masks'])} missing, "
-        f"{len(report['orphan_masks'])} orphan; unreadable files: {len(report['unreadable'])}"
+        f"{len(report['orphan_masks'])} orphan, {len(report['multi_level_masks'])} not two-level; "
+        f"unreadable files: {len(report['unreadable'])}"
     )
     if report["problems"]:
         lines.append(f"{report['num_problems']} problem(s):")

@@ -248,15 +248,68 @@ def read_image(path: str | Path) -> np.ndarray:
     return read_image_with_size(path)[0]
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Decode a mask file to a binary uint8 (H, W) array: any non-zero pixel is defect (1)."""
-    data = np.fromfile(str(path), dtype=np.uint8)
-    mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if mask is None:
+def mask_values(path: str | Path) -> np.ndarray:
+    """Decode a mask file to one channel (H, W) of its own value type (uint8, uint16 or float), by content.
+
+    Grey is taken as it is (8 or 16 bit, 1-bit as 0/255); palette images through their palette; colour as the
+    largest of the R, G, B values of each pixel (a defect drawn in any colour on black counts). An alpha channel
+    that is fully opaque is ignored; any other alpha composites the pixel over black (transparent = background).
+
+    Raises:
+        ImageReadError: unreadable, empty, not an image, or over `MAX_DECODE_PIXELS` by its header.
+    """
+    path = Path(path)
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise ImageReadError(f"cannot open mask {path}: {exc.strerror or exc}") from exc
+    header = image_header(data) if data.size else None
+    if header is None:
         raise ImageReadError(f"not a readable mask: {path}")
+    if header[1] * header[2] > MAX_DECODE_PIXELS:
+        raise ImageReadError(f"mask too large ({header[2]}x{header[1]} pixels): {path}")
+    try:
+        mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        mask = None
+    if mask is None or mask.size == 0:
+        raise ImageReadError(f"not a readable mask: {path}")
+    if mask.ndim == 3 and mask.shape[2] in (2, 4):  # grey or colour with alpha
+        alpha, colour = mask[..., -1], mask[..., :-1]
+        opaque = np.iinfo(mask.dtype).max if mask.dtype.kind in "ui" else 1.0
+        if not (alpha == opaque).all():
+            colour = colour * (alpha[..., None].astype(np.float64) / opaque)
+        mask = colour
     if mask.ndim == 3:
         mask = mask.max(axis=2)
-    return (mask != 0).astype(np.uint8)
+    return np.nan_to_num(mask) if mask.dtype.kind == "f" else mask
+
+
+def binarise_mask(values: np.ndarray) -> np.ndarray:
+    """Binary uint8 (H, W) mask (1 = defect) of one-channel mask values (see `mask_values`).
+
+    Rule: a pixel is defect iff its value is above the midpoint between the mask's lowest and highest value.
+    For a two-level mask this is the higher level, whatever the encoding ({0, 1}, {0, 255}, {0, 65535}, a
+    colour on black); for more levels (anti-aliased or JPEG-saved masks) it splits at half the range. A mask
+    of a single value is all defect when that value is non-zero, else empty.
+    """
+    if values.size == 0:
+        return np.zeros(values.shape, np.uint8)
+    low, high = float(values.min()), float(values.max())
+    if low == high:
+        return np.full(values.shape, high > 0, np.uint8)
+    return (values > (low + high) / 2).astype(np.uint8)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Decode a mask file to a binary uint8 (H, W) array (1 = defect), read by content whatever the encoding:
+    `mask_values` then `binarise_mask` (grey, RGB, RGBA, palette, 8 or 16 bit, {0, 1} or {0, 255} give the
+    same mask).
+
+    Raises:
+        ImageReadError: unreadable, empty, not an image, or too large.
+    """
+    return binarise_mask(mask_values(path))
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -41,14 +41,26 @@ class Sample:
     split: str
 
 
+def masks_by_stem(gt_dir: Path, mask_suffix: str) -> tuple[dict[str, Path], list[Path]]:
+    """The masks of a ground-truth folder by image stem, and the image files whose stem lacks `mask_suffix`.
+
+    The folder is listed once (`list_images`) and names are compared literally, so stems holding `[`, `]`, `*`,
+    `?`, spaces or any other character match. A mask is `<stem><mask_suffix>.<any image extension>`; where one
+    stem has masks of several extensions, the first in sorted order is taken. Empty for a missing folder.
+    """
+    by_stem: dict[str, Path] = {}
+    odd: list[Path] = []
+    for mask in list_images(gt_dir) if gt_dir.is_dir() else []:
+        if not mask.stem.endswith(mask_suffix):
+            odd.append(mask)
+        else:
+            by_stem.setdefault(mask.stem[: len(mask.stem) - len(mask_suffix)], mask)
+    return by_stem, odd
+
+
 def find_mask(gt_dir: Path, stem: str, mask_suffix: str) -> Path | None:
-    """The mask of image `stem`: `<stem><mask_suffix>.<any image extension>` in `gt_dir`."""
-    if not gt_dir.is_dir():
-        return None
-    for candidate in sorted(gt_dir.glob(f"{stem}{mask_suffix}.*")):
-        if is_image_file(candidate) and candidate.stem == f"{stem}{mask_suffix}":
-            return candidate
-    return None
+    """The mask of image `stem`: `<stem><mask_suffix>.<any image extension>` in `gt_dir` (see `masks_by_stem`)."""
+    return masks_by_stem(gt_dir, mask_suffix)[0].get(stem)
 
 
 def scan_mvtec(root: str | Path, category: str, mask_suffix: str = "_mask") -> tuple[list[Sample], list[Sample]]:
@@ -73,11 +85,12 @@ def scan_mvtec(root: str | Path, category: str, mask_suffix: str = "_mask") -> t
     if test_dir.is_dir():
         for sub in sorted(p for p in test_dir.iterdir() if p.is_dir()):
             defect = sub.name
+            masks = {} if defect == "good" else masks_by_stem(base / "ground_truth" / defect, mask_suffix)[0]
             for path in list_images(sub):
                 if defect == "good":
                     test.append(Sample(str(path), 0, "good", None, "test"))
                 else:
-                    mask = find_mask(base / "ground_truth" / defect, path.stem, mask_suffix)
+                    mask = masks.get(path.stem)
                     test.append(Sample(str(path), 1, defect, str(mask) if mask else None, "test"))
     missing = [s.image_path for s in test if s.label == 1 and s.mask_path is None]
     if missing:
