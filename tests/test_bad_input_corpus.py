@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -295,6 +296,28 @@ def test_unreadable_file_is_an_error_not_an_exception(tmp_path: Path, monkeypatc
     monkeypatch.setattr(image_io.np, "fromfile", denied)
     with pytest.raises(ImageReadError, match=f"^cannot open {path}: Permission denied$"):
         read_image(path)
+
+
+def _bigtiff(order: str, width: int, height: int) -> bytes:
+    """A BigTIFF header and first directory (width and height tags only) in byte order "<" or ">"."""
+    magic = b"II+\x00" if order == "<" else b"MM\x00+"
+    head = magic + struct.pack(order + "HHQ", 8, 0, 16)
+    entries = b"".join(struct.pack(order + "HHQQ", tag, 16, 1, value) for tag, value in ((256, width), (257, height)))
+    return head + struct.pack(order + "Q", 2) + entries + struct.pack(order + "Q", 0)
+
+
+def test_header_sizes_of_every_format(tmp_path: Path, bomb_png: Path) -> None:
+    """Sizes from the headers alone, also past Pillow's own decompression-bomb limit and for BigTIFF."""
+    rgb = np.zeros((37, 53, 3), np.uint8)
+    for ext, fmt in ((".png", "png"), (".jpg", "jpeg"), (".bmp", "bmp"), (".tif", "tiff"), (".webp", "webp")):
+        assert image_header(cv2.imencode(ext, rgb)[1]) == (fmt, 37, 53), ext
+    assert image_header(np.fromfile(str(bomb_png), np.uint8)) == ("png", BOMB_SIDE, BOMB_SIDE)
+    assert BOMB_SIDE**2 > 2 * Image.MAX_IMAGE_PIXELS  # Image.open would refuse it without its size
+    assert image_header(_bigtiff("<", 70_000, 3)) == ("tiff", 3, 70_000)
+    assert image_header(_bigtiff(">", 5, 90_000)) == ("tiff", 90_000, 5)
+    assert image_header(b"II*\x00\xff\xff\xff\x00") is None  # directory offset past the end
+    assert image_header(b"RIFF\x00\x00\x00\x00WEBPVP8 ") is None
+    assert image_header(b"GIF89a" + bytes(20)) is None  # not an accepted format
 
 
 # -- empty folder, ONNX back end, output names ----------------------------------------------------------------------

@@ -1,11 +1,15 @@
-"""Image decoding with OpenCV: any common format, mode and bit depth -> RGB uint8, bounded in memory."""
+"""Image decoding with OpenCV: any common format, mode and bit depth -> RGB uint8, bounded in memory (sizes read
+from the headers by Pillow before decoding); masks read by content whatever their encoding."""
 
 from __future__ import annotations
 
+import io
+import struct
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin, WebPImagePlugin
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: Largest decoded image kept in memory (pixels); larger images are decoded reduced by 2, 4 or 8, or refused.
@@ -17,8 +21,6 @@ MAX_DECODE_PIXELS = 256_000_000
 MAX_FILE_BYTES = 512 * 1024 * 1024
 
 _REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
-#: JPEG start-of-frame markers (they carry the image size).
-_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
 
 
 class ImageReadError(ValueError):
@@ -44,73 +46,32 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     )
 
 
-def _u16(raw: memoryview, pos: int, order: str) -> int:
-    return int.from_bytes(raw[pos : pos + 2], order)
+#: Leading bytes of each accepted format (the content decides, not the file name).
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"II+\x00", "tiff"),  # BigTIFF
+    (b"MM\x00+", "tiff"),
+)
+_HEADER_READERS = {
+    "png": PngImagePlugin.PngImageFile,
+    "jpeg": JpegImagePlugin.JpegImageFile,
+    "bmp": BmpImagePlugin.BmpImageFile,
+    "webp": WebPImagePlugin.WebPImageFile,
+}
+#: What Pillow's header parsers raise on malformed or unsupported content.
+_HEADER_ERRORS = (SyntaxError, OSError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error)
 
 
-def _u32(raw: memoryview, pos: int, order: str) -> int:
-    return int.from_bytes(raw[pos : pos + 4], order)
-
-
-def _jpeg_size(raw: memoryview) -> tuple[int, int] | None:
-    """(height, width) from the start-of-frame segment; segments are skipped by their lengths (no pixel data read)."""
-    pos, end = 2, len(raw)
-    while pos + 4 <= end:
-        if raw[pos] != 0xFF:
-            return None  # not at a marker: malformed
-        marker = raw[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in _SOF_MARKERS:
-            if pos + 9 > end:
-                return None
-            return _u16(raw, pos + 5, "big"), _u16(raw, pos + 7, "big")
-        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
-            return None
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            pos += 2
-            continue
-        pos += 2 + _u16(raw, pos + 2, "big")
-    return None
-
-
-def _tiff_size(raw: memoryview) -> tuple[int, int] | None:
-    """(height, width) from the first IFD of a classic or BigTIFF file."""
-    order = "little" if bytes(raw[:2]) == b"II" else "big"
-    big = _u16(raw, 2, order) == 43
-    count_size, entry_size, offset_size = (8, 20, 8) if big else (2, 12, 4)
-    ifd = int.from_bytes(raw[8:16] if big else raw[4:8], order)
-    if ifd + count_size > len(raw):
-        return None
-    count = int.from_bytes(raw[ifd : ifd + count_size], order)
-    found: dict[int, int] = {}
-    for k in range(min(count, 4096)):
-        entry = ifd + count_size + k * entry_size
-        if entry + entry_size > len(raw):
-            break
-        tag, kind = _u16(raw, entry, order), _u16(raw, entry + 2, order)
-        if tag in (256, 257):
-            value = entry + 4 + offset_size  # the value sits in the entry (one SHORT, LONG or LONG8)
-            width = {3: 2, 4: 4, 16: 8}.get(kind)
-            if width is None:
-                return None
-            found[tag] = int.from_bytes(raw[value : value + width], order)
-    if 256 in found and 257 in found:
-        return found[257], found[256]
-    return None
-
-
-def _webp_size(raw: memoryview) -> tuple[int, int] | None:
-    chunk = bytes(raw[12:16])
-    if chunk == b"VP8 " and len(raw) >= 30 and bytes(raw[23:26]) == b"\x9d\x01\x2a":
-        return _u16(raw, 28, "little") & 0x3FFF, _u16(raw, 26, "little") & 0x3FFF
-    if chunk == b"VP8L" and len(raw) >= 25 and raw[20] == 0x2F:
-        bits = _u32(raw, 21, "little")
-        return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
-    if chunk == b"VP8X" and len(raw) >= 30:
-        return int.from_bytes(raw[27:30], "little") + 1, int.from_bytes(raw[24:27], "little") + 1
-    return None
+def image_format(data: np.ndarray | bytes) -> str | None:
+    """Format of an encoded image by its leading bytes: png, jpeg, bmp, tiff or webp; None for anything else."""
+    head = bytes(memoryview(data).cast("B")[:16])
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return next((fmt for magic, fmt in _SIGNATURES if head.startswith(magic)), None)
 
 
 def _jpeg_complete(data: np.ndarray) -> bool:
@@ -123,28 +84,33 @@ def _jpeg_complete(data: np.ndarray) -> bool:
 
 def image_header(data: np.ndarray | bytes) -> tuple[str, int, int] | None:
     """(format, height, width) of an encoded PNG, JPEG, BMP, TIFF or WebP image from its header alone (as
-    stored, before any EXIF rotation); None for any other content. No pixel data is decoded."""
-    raw = memoryview(data).cast("B")
-    head = bytes(raw[:16])
-    size: tuple[int, int] | None = None
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) >= 24 and bytes(raw[12:16]) == b"IHDR":
-        return "png", _u32(raw, 20, "big"), _u32(raw, 16, "big")
-    if head[:3] == b"\xff\xd8\xff":
-        fmt, size = "jpeg", _jpeg_size(raw)
-    elif head[:2] == b"BM" and len(raw) >= 26:
-        fmt = "bmp"
-        if _u32(raw, 14, "little") == 12:  # OS/2 core header: 16-bit sizes
-            size = _u16(raw, 20, "little"), _u16(raw, 18, "little")
-        else:  # a negative height means top-down rows
-            height = int.from_bytes(raw[22:26], "little", signed=True)
-            size = abs(height), int.from_bytes(raw[18:22], "little", signed=True)
-    elif head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") and len(raw) >= 16:
-        fmt, size = "tiff", _tiff_size(raw)
-    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        fmt, size = "webp", _webp_size(raw)
-    if size is None:
+    stored, before any EXIF rotation); None for any other or malformed content. No pixel data is decoded.
+
+    The headers are parsed by Pillow's format plugins (TIFF: its first image file directory), opened directly
+    so that Pillow's own decompression-bomb check does not hide the size: the limits are ours (`MAX_PIXELS`).
+    """
+    fmt = image_format(data)
+    if fmt is None:
         return None
-    return fmt, size[0], size[1]
+    fp = io.BytesIO(memoryview(data).cast("B"))
+    try:
+        if fmt == "tiff":
+            magic = fp.read(4)
+            big = magic[2:] in (b"+\x00", b"\x00+")
+            head = magic + fp.read(12 if big else 4)
+            # Pillow reads BigTIFF from the third byte, which is 0 in a big-endian file ("MM\0+"): it gets the
+            # little-endian magic and the file's byte order as `prefix`
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(b"II+\x00" + head[4:] if big else head, prefix=head[:2])
+            if ifd.next >= memoryview(data).nbytes:
+                return None  # the first directory lies past the end
+            fp.seek(ifd.next)
+            ifd.load(fp)
+            height, width = int(ifd[257]), int(ifd[256])
+        else:
+            width, height = _HEADER_READERS[fmt](fp).size
+    except _HEADER_ERRORS:
+        return None
+    return fmt, height, width
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -209,12 +175,12 @@ def read_image_with_size(path: str | Path) -> tuple[np.ndarray, tuple[int, int]]
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         raise ImageReadError(f"cannot open {path}: {exc.strerror or exc}") from exc
+    if image_format(data) == "jpeg" and not _jpeg_complete(data):
+        raise ImageReadError(f"truncated JPEG (the file ends before its end-of-image marker): {path}")
     header = image_header(data)
     if header is None or header[1] <= 0 or header[2] <= 0:
         raise ImageReadError(f"not a readable image (unknown format, truncated or corrupt): {path}")
     fmt, height, width = header
-    if fmt == "jpeg" and not _jpeg_complete(data):
-        raise ImageReadError(f"truncated JPEG (the file ends before its end-of-image marker): {path}")
     factor = _reduction(fmt, height, width, path)
     flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR if factor == 1 else _REDUCED_FLAGS[factor]
     try:
