@@ -23,6 +23,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("aoi_lightning.commands.compare", "side-by-side comparison of two or more runs"),
     "check-data": ("aoi_lightning.commands.check_data", "data set check and preview.png"),
     "report": ("aoi_lightning.commands.report", "(re)write the run's HTML report"),
+    "watch": ("aoi_lightning.commands.watch", "hot folder: each new image judged once complete, outputs as `aoi run`"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,16 @@ from aoi_lightning.cli import main
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO_ROOT / "experiments" / "quickstart.yaml"
 TINY_SIZE = 64
+#: False in the torch-free line install, where only the modules marked `torchfree` are collected.
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Without torch, leave out the test modules that do not mark themselves `pytest.mark.torchfree` (importing
+    them would fail)."""
+    if HAS_TORCH or collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    return True if "pytest.mark.torchfree" not in collection_path.read_text(encoding="utf-8") else None
 
 
 def run_aoi(argv: list[str]) -> int:
@@ -106,3 +117,13 @@ def padim_run(tiny_mvtec_root: Path, tiny_runs_root: Path, fit_listings: dict[st
 def patchcore_run(tiny_mvtec_root: Path, tiny_runs_root: Path, fit_listings: dict[str, list[str]]) -> Path:
     """Run directory of a PatchCore fit on the tiny tree (seed 0)."""
     return _fit("aoi_lightning.models.Patchcore", "patchcore_tiny", tiny_mvtec_root, tiny_runs_root, fit_listings)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory holding only a tiny ONNX export (written with the `onnx` helper API, no torch): anomaly map
+    = channel mean of the 32 x 32 input, score = its maximum, thresholds 0.5 (see tests/tiny_onnx.py)."""
+    pytest.importorskip("onnx")
+    from tiny_onnx import make_tiny_onnx_run
+
+    return make_tiny_onnx_run(tmp_path_factory.mktemp("tiny_onnx_run"))

@@ -146,6 +146,7 @@ class PredictionOutputs:
         gt_label: int | None = None,
         image_rgb: np.ndarray | None = None,
         extra: dict | None = None,
+        name: str | None = None,
     ) -> dict:
         """Post-process one prediction and write its files and line.
 
@@ -157,6 +158,8 @@ class PredictionOutputs:
             gt_label: 0/1 when known.
             image_rgb: (h, w, 3) uint8 original image for the overlay (no overlay when None).
             extra: keys stored in front of the record (e.g. a dataset index for merging); not part of it.
+            name: file name stem of the mask and overlay (default `output_name(image_path, input_root)`); for a
+                second file under the same path, whose outputs must not replace the first one's.
 
         Returns:
             the record.
@@ -166,7 +169,7 @@ class PredictionOutputs:
         mask, defects = extract_defects(
             amap, facts.pixel_threshold, opts.pixel_threshold_mult, opts.min_defect_area, original_size
         )
-        name = output_name(image_path, self.input_root)
+        name = name or output_name(image_path, self.input_root)
         mask_rel = overlay_rel = None
         if opts.save_masks:
             path, mask_rel = self._file(MASKS_DIR, name)
