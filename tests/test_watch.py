@@ -30,6 +30,12 @@ def _lines(path: Path) -> list[dict]:
     ]
 
 
+def _report(out: Path) -> dict:
+    """report.json as it is now (written atomically, so never half a file)."""
+    path = out / "report.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def _wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -185,6 +191,7 @@ def test_500_files_some_written_slowly_with_a_restart_each_processed_once(tiny_o
     for t in threads:
         t.start()
     try:
+        _wait_for(lambda: _report(out).get("num_images", 0) >= 100, 120, "report.json at 100", first.proc, log)
         _wait_for(lambda: len(_lines(out / "preds.jsonl")) >= 200, 120, "200 lines", first.proc, log)
         assert first.stop() == 0  # SIGTERM: finishes its batch and exits cleanly
         half = len(_lines(out / "preds.jsonl"))

@@ -278,10 +278,10 @@ class HotFolder:
         return finish_outputs(self.output_dir, self.records, self.predictor.facts, self.predictor.run_id)
 
     # -- the loop ------------------------------------------------------------------------------------------
-    def _observer(self):
+    def _observer(self, polling: bool):
         from watchdog.events import FileSystemEventHandler
 
-        if self.options.polling:
+        if polling:
             from watchdog.observers.polling import PollingObserver
 
             observer = PollingObserver(timeout=self.options.poll_interval)
@@ -317,15 +317,24 @@ class HotFolder:
         stop = stop or threading.Event()
         opts = self.options
         tick = min(max(opts.settle_seconds / 4, 0.05), 0.5)
-        self._resume()
-        observer = self._observer()
-        observer.start()
+        polling = opts.polling
+        observer = self._observer(polling)
         try:
+            observer.start()
+        except OSError as exc:  # e.g. the inotify watch limit, or a file system without events
+            log.warning(
+                "no file system events for %s (%s): polling every %.3g s", self.input_dir, exc, opts.poll_interval
+            )
+            polling = True
+            observer = self._observer(polling)
+            observer.start()
+        try:
+            self._resume()
             self.rescan()  # after the observer starts, so nothing arriving in between is missed
             log.info(
                 "watching %s (%s), %d files waiting; results in %s",
                 self.input_dir,
-                "polling" if opts.polling else "events",
+                "polling" if polling else "events",
                 len(self.tracker),
                 self.output_dir,
             )
@@ -346,7 +355,7 @@ class HotFolder:
                 busy = bool(ready) or len(self.tracker) > 0
                 if busy:
                     last_activity = now
-                elif self._report_dirty:
+                if self._report_dirty and (not busy or now - last_report >= opts.report_seconds):
                     self.write_report()
                     last_report = now
                 if self._rescan_requested.is_set() or now - last_rescan >= opts.rescan_seconds:
