@@ -8,15 +8,16 @@ from typing import Literal
 
 import lightning.pytorch as pl
 
-from aoi_lightning.callbacks.onnx_export import OnnxExport, fit_export
-from aoi_lightning.data.datamodule import MVTecDataModule
+from aoi_lightning.callbacks.onnx_export import OnnxExport, fit_export, fit_preprocessing
 from aoi_lightning.export.consistency import (
     DEFAULT_IOU_TOL,
     DEFAULT_MAP_TOL,
     DEFAULT_SCORE_TOL,
+    ConsistencyError,
     ConsistencyFailed,
     check_consistency,
-    loader_images,
+    evenly_spread,
+    image_batches,
     summary_line,
 )
 from aoi_lightning.export.onnx_export import CONSISTENCY_FILE
@@ -27,12 +28,13 @@ log = logging.getLogger(__name__)
 
 
 class OnnxConsistencyCheck(pl.Callback):
-    """Checks the ONNX export of the fit against the torch model on the datamodule's test images.
+    """Checks the ONNX export of the fit against the torch model on the datamodule's test images (all, or
+    `max_images` of them spread evenly), preprocessed with the model's `Preprocessing`.
 
     Uses the export of an `OnnxExport` callback (in any order), or exports itself when there is none.
 
     Args:
-        max_images: test images to use (default: all).
+        max_images: test images to use, spread evenly over the test set (default: all).
         score_tol: largest image-score mean absolute error.
         map_tol: largest anomaly-map mean absolute error.
         iou_tol: smallest IoU of the masks at the pixel threshold.
@@ -67,14 +69,12 @@ class OnnxConsistencyCheck(pl.Callback):
         model = pl_module.model
         if model.fitted.device.type != self.device:
             model = copy.deepcopy(model).to(self.device)
-        datamodule = trainer.datamodule
-        # rank zero checks the whole test set, not its DDP shard
-        loader = (
-            datamodule.test_dataloader(shard=False)
-            if isinstance(datamodule, MVTecDataModule)
-            else datamodule.test_dataloader()
-        )
-        images = loader_images(loader, self.max_images)
+        samples = getattr(trainer.datamodule, "test_samples", None)
+        if samples is None:
+            raise ConsistencyError("OnnxConsistencyCheck needs a datamodule with test_samples (e.g. MVTecDataModule)")
+        # rank zero checks the whole test set (not its DDP shard), made into model inputs as `aoi run` makes them
+        paths = evenly_spread([s.image_path for s in samples], self.max_images)
+        images = image_batches(paths, fit_preprocessing(trainer, pl_module))
         with model.exact_search():  # the graph searches exactly: an approximate faiss index is not what it checks
             result = check_consistency(
                 model,

@@ -7,21 +7,35 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
+from aoi_lightning.data.preprocess import Preprocessing
 from aoi_lightning.export.onnx_export import DEFAULT_OPSET, export_module
 
 log = logging.getLogger(__name__)
 
 
-def fit_export(trainer: pl.Trainer, pl_module: pl.LightningModule, opset: int = DEFAULT_OPSET) -> Path:
-    """Export the model of a finished fit to `<trainer.default_root_dir>/export/`."""
+def fit_preprocessing(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Preprocessing:
+    """The preprocessing of a finished fit: the module's (set at fit), else the data module's at its `image_size`.
+
+    Raises:
+        ValueError: neither the module nor the data module says what input size the model takes.
+    """
+    own = getattr(pl_module, "preprocessing", None)
+    if own is not None:
+        return own
     datamodule = trainer.datamodule
     size = getattr(datamodule, "image_size", None)
     if size is None:
         raise ValueError("ONNX export needs the input size: use a datamodule with `image_size` (e.g. MVTecDataModule)")
-    size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return Preprocessing.from_image_size(size)
+
+
+def fit_export(trainer: pl.Trainer, pl_module: pl.LightningModule, opset: int = DEFAULT_OPSET) -> Path:
+    """Export the model of a finished fit to `<trainer.default_root_dir>/export/`."""
+    datamodule = trainer.datamodule
+    preprocessing = fit_preprocessing(trainer, pl_module)
     root = Path(trainer.default_root_dir)
     extra = {"category": getattr(datamodule, "category", None), "run_id": root.name}
-    return export_module(pl_module, size, root / "export", extra=extra, opset=opset)
+    return export_module(pl_module, preprocessing.image_size, root / "export", extra=extra, opset=opset)
 
 
 class OnnxExport(pl.Callback):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
+from aoi_lightning.callbacks.onnx_export import fit_preprocessing
 from aoi_lightning.report.build import build_report_data, run_facts, write_report
 from aoi_lightning.report.gallery import render_model_overlays
 
@@ -53,7 +54,7 @@ class HtmlReport(pl.Callback):
         def overlays(paths: list[str]) -> dict:
             if not model.has_thresholds:
                 return {}
-            return render_model_overlays(model, paths, size, pl_module.device)
+            return render_model_overlays(model, paths, fit_preprocessing(trainer, pl_module), pl_module.device)
 
         try:
             data = build_report_data(

@@ -60,7 +60,7 @@ def _render(runs, cases, device: str) -> tuple[dict, list[str]]:
         except RunError as exc:
             notes.append(f"{run.summary.name}: overlays not rendered: {exc}")
             continue
-        rendered[run.summary.label] = render_model_overlays(module.model, wanted, info.image_size, device)
+        rendered[run.summary.label] = render_model_overlays(module.model, wanted, module.preprocessing, device)
         notes.append(
             f"{run.summary.name}: {len(rendered[run.summary.label])} overlays rendered from weights/model.ckpt"
         )

@@ -13,11 +13,13 @@ from aoi_lightning.export.consistency import (
     DEFAULT_SCORE_TOL,
     ConsistencyError,
     check_consistency,
-    run_test_images,
+    evenly_spread,
+    image_batches,
     summary_line,
 )
 from aoi_lightning.export.onnx_export import CONSISTENCY_FILE, MODEL_FILE, onnx_input_size, read_export_meta
 from aoi_lightning.fileio import write_json
+from aoi_lightning.inference.onnx_backend import export_preprocessing
 from aoi_lightning.rundir.meta import utc_now
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,36 @@ def _stale_thresholds(meta: dict, model) -> list[str]:
     return out
 
 
+def _stale_preprocessing(meta: dict, module) -> list[str]:
+    """A preprocessing in export_meta.json that differs from the checkpoint's (an export of another fit)."""
+    try:
+        exported = export_preprocessing(meta)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        return [f"export_meta.json preprocessing is not readable ({exc}): re-run `aoi export`"]
+    if exported != module.preprocessing:
+        return [
+            f"export_meta.json preprocessing {exported.to_dict()} differs from the checkpoint's "
+            f"{module.preprocessing.to_dict()}: re-run `aoi export`"
+        ]
+    return []
+
+
+def run_test_image_paths(data_config: dict) -> list[str]:
+    """The test images of a run's data config: `<root>/<category>/test` (the synthetic set when root is null)."""
+    from aoi_lightning.data.mvtec import scan_mvtec
+
+    root = data_config.get("root")
+    category = str(data_config.get("category", "synthetic"))
+    if root is None:
+        from aoi_lightning.data.synthetic import ensure_synthetic
+
+        root = ensure_synthetic(category=category)
+    _, test = scan_mvtec(root, category, str(data_config.get("mask_suffix", "_mask")))
+    if not test:
+        raise ConsistencyError(f"no test images under {Path(root) / category / 'test'}")
+    return [s.image_path for s in test]
+
+
 def consistency_run(
     run_dir: str | Path,
     max_images: int | None = None,
@@ -82,18 +114,20 @@ def consistency_run(
             f"{onnx_path} takes {onnx_size[0]}x{onnx_size[1]} images but export_meta.json says {meta_size}: "
             f"re-export with `aoi export --run_dir {info.run.path}`"
         )
-    if onnx_size != tuple(info.image_size):
-        raise ConsistencyError(
-            f"{onnx_path} takes {onnx_size[0]}x{onnx_size[1]} images but the run was trained at "
-            f"{info.image_size[0]}x{info.image_size[1]}: re-export with `aoi export --run_dir {info.run.path}`"
-        )
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ConsistencyError("--device cuda: no CUDA device is available to torch")
     module, _ = load_run_model(run_dir, device, require_thresholds=False)
-    images = run_test_images(info.config.get("data") or {}, info.image_size, max_images, batch_size)
+    trained = module.preprocessing.image_size
+    if onnx_size != trained:
+        raise ConsistencyError(
+            f"{onnx_path} takes {onnx_size[0]}x{onnx_size[1]} images but the run was trained at "
+            f"{trained[0]}x{trained[1]}: re-export with `aoi export --run_dir {info.run.path}`"
+        )
+    paths = evenly_spread(run_test_image_paths(info.config.get("data") or {}), max_images)
+    images = image_batches(paths, module.preprocessing, batch_size)
     result = check_consistency(
         module.model,
         onnx_path,
@@ -105,7 +139,7 @@ def consistency_run(
         batch_size=batch_size,
         device=device,
     )
-    stale = _stale_thresholds(meta, module.model)
+    stale = _stale_thresholds(meta, module.model) + _stale_preprocessing(meta, module)
     if stale:
         result["reasons"].extend(stale)
         result["status"] = "FAILED"

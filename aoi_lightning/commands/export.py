@@ -57,7 +57,7 @@ def export_run(run_dir: str | Path, opset: int = DEFAULT_OPSET) -> Path:
         log.warning("%s has no tuned thresholds: the export records them as null", info.run.path)
     module.threshold_info = run_threshold_info(module, info.run.path)
     extra = {"category": info.category, "run_id": info.run.path.name}
-    return export_module(module, info.image_size, info.run.export, extra=extra, opset=opset)
+    return export_module(module, module.preprocessing.image_size, info.run.export, extra=extra, opset=opset)
 
 
 def main(argv: list[str]) -> int:

@@ -48,7 +48,7 @@ def model_overlay_source(run_dir: Path, image_size: tuple[int, int], device: str
             except RunError as exc:
                 log.warning("gallery without model overlays: %s", exc)
                 return out
-            out.update(render_model_overlays(module.model, missing, image_size, device))
+            out.update(render_model_overlays(module.model, missing, module.preprocessing, device))
         return out
 
     return source

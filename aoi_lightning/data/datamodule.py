@@ -17,6 +17,7 @@ from aoi_lightning.data.mvtec import (
     list_images,
     scan_mvtec,
 )
+from aoi_lightning.data.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,11 @@ class MVTecDataModule(pl.LightningDataModule):
         self.test_samples: list[Sample] = []
 
     @property
+    def preprocessing(self) -> Preprocessing:
+        """How every image of this data module becomes a model input (resized to `image_size`)."""
+        return Preprocessing.from_image_size(self.image_size)
+
+    @property
     def data_root(self) -> Path:
         if self.root is None:
             from aoi_lightning.data.synthetic import ensure_synthetic
@@ -99,7 +105,7 @@ class MVTecDataModule(pl.LightningDataModule):
 
     def _loader(self, samples: list[Sample], batch_size: int, shard: bool = True) -> DataLoader:
         """A loader in data order; under DDP (`shard`) each rank reads its own contiguous, unpadded shard."""
-        dataset = AnomalyDataset(samples, self.image_size)
+        dataset = AnomalyDataset(samples, self.preprocessing)
         sampler = None
         trainer = self.trainer
         if shard and trainer is not None and trainer.world_size > 1:

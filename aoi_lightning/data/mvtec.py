@@ -15,11 +15,9 @@ from aoi_lightning.data.image_io import (  # noqa: F401 - list_images is part of
     ImageReadError,
     is_image_file,
     list_images,
-    read_image_with_size,
     read_mask,
-    resize_image,
-    resize_mask,
 )
+from aoi_lightning.data.preprocess import Preprocessing, as_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -154,46 +152,44 @@ def apply_policy(
 class AnomalyDataset(Dataset):
     """Samples -> dicts of tensors. Unreadable images give an `error` string and a blank image, not an exception.
 
-    Item keys: image (3, H, W) float in [0, 1], mask (1, H, W) uint8, has_mask, label, defect_type, split,
-    image_path, original_size (2,) [h, w], index, error.
+    Args:
+        samples: the images.
+        preprocessing: what the model expects (`Preprocessing`), or just its input size (one side, or [h, w]).
+
+    Item keys: image (3, H, W) float in [0, 1] (`Preprocessing.load`), mask (1, H, W) uint8, has_mask, label,
+    defect_type, split, image_path, original_size (2,) [h, w], index, error.
     """
 
-    def __init__(self, samples: list[Sample], image_size: tuple[int, int]) -> None:
+    def __init__(self, samples: list[Sample], preprocessing: Preprocessing | int | tuple[int, int]) -> None:
         self.samples = samples
-        self.image_size = tuple(image_size)
+        self.preprocessing = as_preprocessing(preprocessing)
+        self.image_size = self.preprocessing.image_size
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
-        h, w = self.image_size
-        error = ""
-        original = (0, 0)
-        try:
-            img, original = read_image_with_size(s.image_path)
-            img = resize_image(img, (h, w))
-        except ImageReadError as exc:
-            error = str(exc)
-            img = np.zeros((h, w, 3), dtype=np.uint8)
+        loaded = self.preprocessing.load(s.image_path)
+        error = loaded.error
+        image = loaded.model_input if not error else self.preprocessing.blank_input()
         has_mask = s.label == 0 or s.mask_path is not None
-        mask = np.zeros((h, w), dtype=np.uint8)
+        mask = np.zeros(self.image_size, dtype=np.uint8)
         if s.mask_path is not None and not error:
             try:
-                mask = resize_mask(read_mask(s.mask_path), (h, w))
+                mask = self.preprocessing.resize_mask(read_mask(s.mask_path))
             except ImageReadError as exc:
                 log.warning("%s", exc)
                 has_mask = False
-        image = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
         return {
-            "image": image,
+            "image": torch.from_numpy(image),
             "mask": torch.from_numpy(mask).unsqueeze(0),
             "has_mask": has_mask and not error,
             "label": s.label,
             "defect_type": s.defect_type,
             "split": s.split,
             "image_path": s.image_path,
-            "original_size": torch.tensor(original, dtype=torch.int64),
+            "original_size": torch.tensor(loaded.original_size, dtype=torch.int64),
             "index": index,
             "error": error,
         }

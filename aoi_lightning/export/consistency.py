@@ -5,17 +5,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
+from aoi_lightning.data.preprocess import Preprocessing
 from aoi_lightning.models.components.base import AnomalyTorchModel
 from aoi_lightning.models.components.weights import sha256_of
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+#: A batch of model inputs (B, 3, H, W) float in [0, 1].
+Batch = torch.Tensor | np.ndarray
 
 DEFAULT_SCORE_TOL = 1e-3
 DEFAULT_MAP_TOL = 1e-3
@@ -57,18 +61,19 @@ def ort_session(onnx_path: str | Path, device: str = "cpu", threads: int | None 
     return session, session.get_providers(), note
 
 
-def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
-    if isinstance(images, torch.Tensor):
+def _batches(images: Batch | Iterable[Batch], batch_size: int) -> Iterator[torch.Tensor]:
+    if isinstance(images, (torch.Tensor, np.ndarray)):
         for start in range(0, images.shape[0], batch_size):
-            yield images[start : start + batch_size]
+            yield torch.as_tensor(images[start : start + batch_size])
     else:
-        yield from images
+        for batch in images:
+            yield torch.as_tensor(batch)
 
 
 def check_consistency(
     torch_model: AnomalyTorchModel,
     onnx_path: str | Path,
-    images: torch.Tensor | Iterable[torch.Tensor],
+    images: Batch | Iterable[Batch],
     pixel_threshold: float,
     score_mae: float = DEFAULT_SCORE_TOL,
     map_mae: float = DEFAULT_MAP_TOL,
@@ -81,7 +86,8 @@ def check_consistency(
     Args:
         torch_model: the fitted model, run where it lives (its inference settings, e.g. faiss search).
         onnx_path: exported graph.
-        images: (N, 3, H, W) float in [0, 1], or an iterable of such batches.
+        images: model inputs (N, 3, H, W) float in [0, 1] (torch or numpy), or an iterable of such batches
+            (e.g. `image_batches`).
         pixel_threshold: pixel threshold for the masks (NaN: IoU not checked).
         score_mae, map_mae: largest allowed mean absolute errors; mask_iou: smallest allowed IoU.
         batch_size: batch size when `images` is one tensor.
@@ -190,40 +196,28 @@ def summary_line(result: dict) -> str:
     return text
 
 
-def loader_images(loader: Iterable[dict], max_images: int | None = None) -> Iterator[torch.Tensor]:
-    """Readable images (B, 3, H, W) of a DataLoader of `AnomalyDataset` items, at most `max_images` in all."""
-    left = math.inf if max_images is None else int(max_images)
-    for batch in loader:
-        if left <= 0:
-            return
-        ok = torch.tensor([not e for e in batch["error"]], dtype=torch.bool)
-        for err in batch["error"]:
-            if err:
-                log.warning("consistency check skips an unreadable image: %s", err)
-        images = batch["image"][ok][: int(min(left, ok.sum()))]
-        left -= images.shape[0]
-        if images.shape[0]:
-            yield images
+def evenly_spread(items: Sequence[T], max_images: int | None) -> list[T]:
+    """All `items`, or `max_images` of them spread evenly over the list (first and last included)."""
+    if max_images is None or int(max_images) >= len(items):
+        return list(items)
+    count = int(max_images)
+    return [items[i] for i in sorted({round(i * (len(items) - 1) / max(count - 1, 1)) for i in range(count)})]
 
 
-def run_test_images(
-    data_config: dict, image_size: tuple[int, int], max_images: int | None = None, batch_size: int = 8
-) -> Iterator[torch.Tensor]:
-    """The test images of a run's data config (`<root>/<category>/test`, the whole folder, or `max_images` of them
-    spread evenly over it), in batches (B, 3, H, W)."""
-    from aoi_lightning.data.mvtec import AnomalyDataset, scan_mvtec
-
-    root = data_config.get("root")
-    category = str(data_config.get("category", "synthetic"))
-    if root is None:
-        from aoi_lightning.data.synthetic import ensure_synthetic
-
-        root = ensure_synthetic(category=category)
-    _, test = scan_mvtec(root, category, str(data_config.get("mask_suffix", "_mask")))
-    if not test:
-        raise ConsistencyError(f"no test images under {Path(root) / category / 'test'}")
-    if max_images is not None and int(max_images) < len(test):  # evenly spread over the defect types
-        keep = sorted({round(i * (len(test) - 1) / max(int(max_images) - 1, 1)) for i in range(int(max_images))})
-        test = [test[i] for i in keep]
-    loader = DataLoader(AnomalyDataset(test, image_size), batch_size=batch_size, shuffle=False, num_workers=0)
-    return loader_images(loader, max_images)
+def image_batches(
+    paths: Iterable[str | Path], preprocessing: Preprocessing, batch_size: int = 8
+) -> Iterator[np.ndarray]:
+    """Model inputs (B, 3, H, W) float32 of image files, made by `preprocessing.load`; unreadable files are
+    skipped with a warning."""
+    batch: list[np.ndarray] = []
+    for path in paths:
+        item = preprocessing.load(path)
+        if item.error:
+            log.warning("consistency check skips an unreadable image: %s", item.error)
+            continue
+        batch.append(item.model_input)
+        if len(batch) == batch_size:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)

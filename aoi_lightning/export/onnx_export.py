@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import torch
 
+from aoi_lightning.data.preprocess import INTERPOLATIONS, Preprocessing
 from aoi_lightning.fileio import dumps, read_json, write_json
 from aoi_lightning.models.components.base import AnomalyTorchModel, InferenceOutput
 from aoi_lightning.models.components.weights import sha256_of
@@ -44,12 +45,14 @@ def describe_model(model: AnomalyTorchModel) -> dict:
     """Backbone, layers and in-graph normalisation of a torch model."""
     extractor = getattr(model, "feature_extractor", None)
     out: dict = {"torch_class": type(model).__name__}
+    norm = model.input_normalization() if hasattr(model, "input_normalization") else None
     if extractor is not None:
         out["backbone"] = extractor.backbone_name
         out["layers"] = list(extractor.layers)
+    if norm is not None:
         out["normalization"] = {
-            "mean": [round(float(v), 6) for v in extractor.mean.flatten()],
-            "std": [round(float(v), 6) for v in extractor.std.flatten()],
+            "mean": list(norm[0]),
+            "std": list(norm[1]),
             "in_graph": True,
             "note": "applied inside the graph: feed RGB images scaled to [0, 1], not normalised",
         }
@@ -71,6 +74,7 @@ def _metadata_props(meta: dict) -> dict[str, str]:
         "backbone",
         "layers",
         "image_size",
+        "preprocessing",
         "input",
         "outputs",
         "normalization",
@@ -165,6 +169,7 @@ def export_onnx(
     path: str | Path,
     meta: dict | None = None,
     opset: int = DEFAULT_OPSET,
+    preprocessing: Preprocessing | None = None,
 ) -> Path:
     """Export a fitted model to ONNX and write `export_meta.json` next to it; each file is replaced atomically.
 
@@ -174,6 +179,11 @@ def export_onnx(
         path: target `.onnx` file (usually `<run>/export/model.onnx`).
         meta: facts of the run to record (model, category, run_id, thresholds info, ...).
         opset: ONNX opset version.
+        preprocessing: how the model's input images are made (recorded as `preprocessing`); default: the default
+            one at `image_size` with the model's normalisation.
+
+    Raises:
+        ExportError: unfitted model, or a `preprocessing` of another size than `image_size`.
 
     Returns:
         The path of the written ONNX file.
@@ -183,6 +193,11 @@ def export_onnx(
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = int(image_size[0]), int(image_size[1])
+    if preprocessing is None:
+        norm = torch_model.input_normalization() if hasattr(torch_model, "input_normalization") else None
+        preprocessing = Preprocessing.from_image_size((h, w), *(norm or (None, None)))
+    if preprocessing.image_size != (h, w):
+        raise ExportError(f"preprocessing size {list(preprocessing.image_size)} differs from the export size {[h, w]}")
     model = copy.deepcopy(torch_model).to("cpu").eval()
     image_t, pixel_t = float(model.image_threshold), float(model.pixel_threshold)
     if not (math.isfinite(image_t) and math.isfinite(pixel_t)):
@@ -192,14 +207,16 @@ def export_onnx(
     info.update(
         {
             "image_size": [h, w],
+            "preprocessing": preprocessing.to_dict(),
             "input": {
                 "name": INPUT_NAME,
                 "shape": ["batch", 3, h, w],
                 "dtype": "float32",
                 "range": [0.0, 1.0],
                 "layout": "NCHW",
-                "channels": "RGB",
-                "resize": "to image_size with cv2 INTER_AREA when shrinking, INTER_LINEAR when enlarging",
+                "channels": preprocessing.channels,
+                "resize": f"{preprocessing.resize} to image_size (aspect ratio not kept) with "
+                f"{INTERPOLATIONS[preprocessing.interpolation]}",
             },
             "outputs": {"pred_score": ["batch"], "anomaly_map": ["batch", 1, h, w]},
             "image_threshold": image_t,
@@ -260,12 +277,13 @@ def export_onnx(
 def export_module(
     module, image_size: tuple[int, int], export_dir: str | Path, extra: dict | None = None, opset: int = DEFAULT_OPSET
 ) -> Path:
-    """Export a trained model module (anything with `.model`, `.model_name`, `.threshold_info`) to
-    `<export_dir>/model.onnx` with its thresholds information."""
+    """Export a trained model module (anything with `.model`, `.model_name`, `.threshold_info` and optionally
+    `.preprocessing`) to `<export_dir>/model.onnx` with its thresholds information."""
     meta = {"model": getattr(module, "model_name", type(module.model).__name__.lower())}
     meta.update(extra or {})
     meta["thresholds"] = dict(getattr(module, "threshold_info", None) or {})
-    return export_onnx(module.model, image_size, Path(export_dir) / MODEL_FILE, meta, opset)
+    preprocessing = getattr(module, "preprocessing", None)
+    return export_onnx(module.model, image_size, Path(export_dir) / MODEL_FILE, meta, opset, preprocessing)
 
 
 def read_export_meta(export_dir: str | Path) -> dict:

@@ -12,13 +12,12 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from aoi_lightning.data.image_io import ImageReadError, read_image_with_size, resize_image
+from aoi_lightning.data.preprocess import LoadedImage, Preprocessing, as_preprocessing
 from aoi_lightning.fileio import read_jsonl
 from aoi_lightning.postprocess.outputs import ModelFacts, OutputOptions, PredictionOutputs, finish_outputs
 
@@ -26,9 +25,11 @@ log = logging.getLogger(__name__)
 
 
 class Predictor(Protocol):
-    """A loaded model: its facts (name, category, input size, thresholds), run id, and the forward pass."""
+    """A loaded model: its facts (name, category, input size, thresholds), how its input is made, run id, and the
+    forward pass."""
 
     facts: ModelFacts
+    preprocessing: Preprocessing
     run_id: str
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -36,38 +37,26 @@ class Predictor(Protocol):
         ...
 
 
-@dataclass
-class LoadedImage:
-    """One decoded input: the (h, w) of the original, its decoded RGB image (when kept; reduced for very large
-    images), the model input (3, H, W), or an error."""
-
-    path: Path
-    original_size: tuple[int, int] = (0, 0)
-    original: np.ndarray | None = None
-    model_input: np.ndarray | None = None
-    error: str = ""
-
-
-def load_image(path: Path, size: tuple[int, int], keep_original: bool) -> LoadedImage:
-    """Decode and resize like the training data (`read_image_with_size`, `resize_image`, /255)."""
-    try:
-        image, original_size = read_image_with_size(path)
-    except ImageReadError as exc:
-        return LoadedImage(path, error=str(exc))
-    small = resize_image(image, size)
-    model_input = np.ascontiguousarray(small.transpose(2, 0, 1)).astype(np.float32) / np.float32(255.0)
-    return LoadedImage(path, original_size, image if keep_original else None, model_input)
+def load_image(path: Path, preprocessing: Preprocessing | tuple[int, int], keep_original: bool) -> LoadedImage:
+    """`Preprocessing.load` (a size stands for the default preprocessing at that size)."""
+    return as_preprocessing(preprocessing).load(path, keep_original)
 
 
 def iter_batches(
-    paths: Sequence[Path], batch_size: int, size: tuple[int, int], keep_original: bool, executor: Executor | None
+    paths: Sequence[Path],
+    batch_size: int,
+    preprocessing: Preprocessing | tuple[int, int],
+    keep_original: bool,
+    executor: Executor | None,
 ) -> Iterator[list[LoadedImage]]:
-    """Batches of decoded images; with an executor the next batch is decoded while the current one runs."""
+    """Batches of decoded images (`Preprocessing.load`); with an executor the next batch is decoded while the
+    current one runs."""
+    preprocessing = as_preprocessing(preprocessing)
 
     def submit(chunk: Sequence[Path]) -> list[Future] | list[LoadedImage]:
         if executor is None:
-            return [load_image(p, size, keep_original) for p in chunk]
-        return [executor.submit(load_image, p, size, keep_original) for p in chunk]
+            return [preprocessing.load(p, keep_original) for p in chunk]
+        return [executor.submit(preprocessing.load, p, keep_original) for p in chunk]
 
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     pending = submit(chunks[0]) if chunks else []
@@ -125,7 +114,7 @@ def run_folder(
     executor = ThreadPoolExecutor(max_workers=num_workers) if num_workers > 0 else None
     try:
         with outputs:
-            for batch in iter_batches(todo, batch_size, facts.input_size, options.save_overlays, executor):
+            for batch in iter_batches(todo, batch_size, predictor.preprocessing, options.save_overlays, executor):
                 good = [item for item in batch if not item.error]
                 scores = maps = None
                 if good:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aoi_lightning.data.preprocess import Preprocessing, PreprocessingError
 from aoi_lightning.fileio import differing_value
 from aoi_lightning.postprocess.outputs import ModelFacts
 
@@ -47,11 +48,36 @@ def _check_run_thresholds(thresholds_path: Path, meta_path: Path, exported: dict
         )
 
 
+def export_preprocessing(meta: dict) -> Preprocessing:
+    """The preprocessing of an export: `export_meta.json`'s `preprocessing`, or for exports written before it was
+    recorded, the default one at `image_size` with the `normalization` mean/std.
+
+    Raises:
+        PreprocessingError: an invalid `preprocessing`, or one whose size differs from `image_size`.
+        KeyError, TypeError, ValueError, IndexError: no usable `image_size` in an export without `preprocessing`.
+    """
+    if meta.get("preprocessing") is not None:
+        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        size = meta.get("image_size")
+        if size is not None and list(preprocessing.image_size) != [int(v) for v in size]:
+            raise PreprocessingError(
+                f"preprocessing image_size {list(preprocessing.image_size)} differs from image_size {list(size)}"
+            )
+        return preprocessing
+    size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
+    norm = meta.get("normalization") or {}
+    return Preprocessing.from_image_size(size, norm.get("mean"), norm.get("std"))
+
+
 class OnnxPredictor:
     """The `Predictor` of the AOI runner over ONNX Runtime."""
 
-    def __init__(self, session, facts: ModelFacts, run_id: str) -> None:
+    def __init__(
+        self, session, facts: ModelFacts, run_id: str, preprocessing: Preprocessing | None = None
+    ) -> None:
         self.session = session
+        #: How the input images are made (export_meta.json's); default: the default one at `facts.input_size`.
+        self.preprocessing = preprocessing or Preprocessing.from_image_size(facts.input_size)
         self.facts = facts
         self.run_id = run_id
         self.input_name = session.get_inputs()[0].name
@@ -76,11 +102,14 @@ class OnnxPredictor:
             raise OnnxRunError(f"{meta_path} is missing: re-export with `aoi export --run_dir {model_dir}`")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
+            preprocessing = export_preprocessing(meta)
             thresholds = meta.get("thresholds") or {}
             image_t, pixel_t = float(thresholds["image_threshold"]), float(thresholds["pixel_threshold"])
+        except PreprocessingError as exc:
+            raise OnnxRunError(f"{meta_path}: {exc}") from exc
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise OnnxRunError(f"{meta_path} is not a valid export_meta.json ({type(exc).__name__}: {exc})") from exc
+        size = preprocessing.image_size
         _check_run_thresholds(
             model_dir / THRESHOLDS_FILE, meta_path, {"image_threshold": image_t, "pixel_threshold": pixel_t}
         )
@@ -107,7 +136,7 @@ class OnnxPredictor:
             pixel_threshold=pixel_t,
             thresholds={k: thresholds.get(k) for k in ("quantile_image", "quantile_pixel")},
         )
-        return cls(session, facts, str(meta.get("run_id", model_dir.name)))
+        return cls(session, facts, str(meta.get("run_id", model_dir.name)), preprocessing)
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images (B, 3, H, W) float32 in [0, 1] -> scores (B,) and maps (B, H, W)."""

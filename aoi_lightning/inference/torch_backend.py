@@ -6,14 +6,21 @@ from pathlib import Path
 
 import numpy as np
 
+from aoi_lightning.data.preprocess import Preprocessing
 from aoi_lightning.postprocess.outputs import ModelFacts
 
 
 class TorchPredictor:
     """Predictor over the torch model of a run directory (`weights/model.ckpt`)."""
 
-    def __init__(self, model, facts: ModelFacts, run_id: str, device: str = "cpu") -> None:
+    def __init__(
+        self, model, facts: ModelFacts, run_id: str, device: str = "cpu", preprocessing: Preprocessing | None = None
+    ) -> None:
         self.model = model.eval()
+        #: How the input images are made (the checkpoint's); default: the default one at `facts.input_size`.
+        self.preprocessing = preprocessing or Preprocessing.from_image_size(facts.input_size)
+        if self.preprocessing.image_size != tuple(facts.input_size):
+            raise ValueError(f"preprocessing size {self.preprocessing.image_size} != input size {facts.input_size}")
         if str(device).startswith("cuda"):
             from aoi_lightning.models.components.base import exact_cuda_math
 
@@ -32,12 +39,12 @@ class TorchPredictor:
         facts = ModelFacts(
             model=info.model_name or module.model_name,
             category=info.category,
-            input_size=info.image_size,
+            input_size=module.preprocessing.image_size,
             image_threshold=float(module.model.image_threshold),
             pixel_threshold=float(module.model.pixel_threshold),
             thresholds={k: threshold_info.get(k) for k in ("quantile_image", "quantile_pixel")},
         )
-        return cls(module.model, facts, info.run.path.name, device)
+        return cls(module.model, facts, info.run.path.name, device, module.preprocessing)
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch

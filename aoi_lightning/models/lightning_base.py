@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 
 from aoi_lightning import distributed
+from aoi_lightning.data.preprocess import Preprocessing, PreprocessingError, as_preprocessing
 from aoi_lightning.metrics.evaluation import EvaluationCollector, build_metrics_report
 from aoi_lightning.models.components.base import AnomalyTorchModel, NotFittedError, exact_cuda_math
 from aoi_lightning.models.tile_calibration import calibrate_tiles_on_training_images
@@ -42,6 +43,14 @@ class AnomalyModule(pl.LightningModule):
         #: Training-image score records when a callback already computed them after the fit (else None).
         self.train_records: list[dict] | None = None
         self._synced: set[str] = set()
+        #: What the model expects as input: set at fit from the data module, restored from checkpoints.
+        self.preprocessing: Preprocessing | None = None
+
+    def make_preprocessing(self, image_size: Preprocessing | int | tuple[int, int]) -> Preprocessing:
+        """The model's preprocessing at `image_size` (or a data module's `Preprocessing`), with the backbone's
+        in-graph normalisation recorded."""
+        norm = self.model.input_normalization()
+        return as_preprocessing(image_size).with_normalization(*(norm or (None, None)))
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
@@ -49,6 +58,9 @@ class AnomalyModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self.trainer is not None else None
         if datamodule is not None and getattr(datamodule, "val_split", None):
             self.split_policy = datamodule.val_split
+        source = getattr(datamodule, "preprocessing", None) or getattr(datamodule, "image_size", None)
+        if source is not None and (stage == "fit" or self.preprocessing is None):
+            self.preprocessing = self.make_preprocessing(source)  # a checkpoint loaded later restores its own
 
     # -- fit ------------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> None:
@@ -202,6 +214,7 @@ class AnomalyModule(pl.LightningModule):
             "model_name": self.model_name,
             "threshold_info": self.threshold_info,
             "timings": {k: float(v) for k, v in self.timings.items()},
+            "preprocessing": None if self.preprocessing is None else self.preprocessing.to_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -211,3 +224,8 @@ class AnomalyModule(pl.LightningModule):
             raise ValueError(f"checkpoint holds model {found!r}, but the config builds {self.model_name!r}")
         self.threshold_info = dict(meta.get("threshold_info") or {})
         self.timings = dict(meta.get("timings") or {})
+        if meta.get("preprocessing") is not None:  # older checkpoints: the loader builds it from config.yaml
+            try:
+                self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+            except PreprocessingError as exc:
+                raise ValueError(f"checkpoint 'aoi.preprocessing': {exc}") from exc

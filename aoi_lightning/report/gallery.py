@@ -11,8 +11,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from aoi_lightning.data.image_io import ImageReadError, read_image, read_mask, resize_image
+from aoi_lightning.data.image_io import ImageReadError, read_image, read_mask
 from aoi_lightning.data.mvtec import find_mask
+from aoi_lightning.data.preprocess import Preprocessing, as_preprocessing
 from aoi_lightning.fileio import read_jsonl
 from aoi_lightning.postprocess.defects import extract_defects
 from aoi_lightning.postprocess.render import render_overlay
@@ -70,14 +71,18 @@ def read_bgr(path: str | Path) -> np.ndarray | None:
 
 
 def render_model_overlays(
-    model, image_paths: list[str], image_size: tuple[int, int], device="cpu", pixel_threshold_mult: float = 1.0
+    model,
+    image_paths: list[str],
+    preprocessing: Preprocessing | tuple[int, int],
+    device="cpu",
+    pixel_threshold_mult: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """Overlays of the given images rendered with a fitted torch model (as `aoi predict` draws them).
 
     Args:
         model: fitted `AnomalyTorchModel` with thresholds.
         image_paths: image files; unreadable ones are skipped.
-        image_size: (H, W) model input size.
+        preprocessing: the model's `Preprocessing` (or just its (H, W) input size for the default one).
         device: torch device of the model.
         pixel_threshold_mult: multiplier of the pixel threshold for the defect outlines.
 
@@ -86,18 +91,18 @@ def render_model_overlays(
     """
     import torch
 
+    preprocessing = as_preprocessing(preprocessing)
     image_t, pixel_t = float(model.image_threshold), float(model.pixel_threshold) * pixel_threshold_mult
     out: dict[str, np.ndarray] = {}
     model.eval()
     for path in image_paths:
-        try:
-            rgb = read_image(path)
-        except ImageReadError as exc:
-            log.warning("no overlay: %s", exc)
+        loaded = preprocessing.load(path, keep_original=True)
+        if loaded.error:
+            log.warning("no overlay: %s", loaded.error)
             continue
-        x = torch.from_numpy(np.ascontiguousarray(resize_image(rgb, image_size))).permute(2, 0, 1).float().div(255.0)
+        rgb = loaded.original
         with torch.inference_mode():
-            res = model(x.unsqueeze(0).to(device))
+            res = model(torch.from_numpy(loaded.model_input).unsqueeze(0).to(device))
         amap = res.anomaly_map[0, 0].float().cpu().numpy()
         mask, defects = extract_defects(amap, pixel_t, 1.0, 0, rgb.shape[:2])
         out[path] = render_overlay(rgb, amap, mask, defects, float(res.pred_score[0]), image_t, pixel_t)

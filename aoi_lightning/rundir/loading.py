@@ -199,6 +199,9 @@ def load_run_model(
     """Model and facts of a run directory; with `require_thresholds`, a run without tuned thresholds, or with a
     thresholds.json that disagrees with the checkpoint, is an error.
 
+    The model's `preprocessing` is the checkpoint's (what it was fitted with); for checkpoints written before
+    it was recorded, it is built from config.yaml's `data.image_size` and the backbone's normalisation.
+
     Raises:
         RunError: missing run or checkpoint, a checkpoint of another model than config.yaml names, no thresholds.
     """
@@ -212,6 +215,8 @@ def load_run_model(
             f"{_model_label(want)}: the checkpoint belongs to another run"
         )
     _apply_search_settings(model, info.config)
+    if model.preprocessing is None:  # a checkpoint written before it recorded its preprocessing
+        model.preprocessing = model.make_preprocessing(info.image_size)
     if require_thresholds and not model.model.has_thresholds:
         raise RunError(
             f"{info.run.path} has no thresholds: fit it with the ThresholdTuning callback "

@@ -122,6 +122,16 @@ class AnomalyTorchModel(nn.Module):
         an approximate faiss index searches exactly and keeps its index for after the block)."""
         yield
 
+    def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """(mean, std) per RGB channel that `forward` applies to its [0, 1] input (the backbone's, rounded to 6
+        decimals), or None for a model without a feature extractor."""
+        extractor = getattr(self, "feature_extractor", None)
+        if extractor is None:
+            return None
+        return tuple(round(float(v), 6) for v in extractor.mean.flatten()), tuple(
+            round(float(v), 6) for v in extractor.std.flatten()
+        )
+
     def set_thresholds(self, image_threshold: float, pixel_threshold: float) -> None:
         self.image_threshold.fill_(float(image_threshold))
         self.pixel_threshold.fill_(float(pixel_threshold))
