@@ -50,7 +50,7 @@ def image_size_hw(value: int | Sequence[int]) -> tuple[int, int]:
     Raises:
         PreprocessingError: not one or two positive integers.
     """
-    if isinstance(value, bool):
+    if isinstance(value, (bool, str, bytes)):
         raise PreprocessingError(f"image_size must be an integer or [h, w], got {value!r}")
     if isinstance(value, (int, np.integer)):
         value = (value, value)
@@ -60,7 +60,7 @@ def image_size_hw(value: int | Sequence[int]) -> tuple[int, int]:
     except (TypeError, ValueError) as exc:
         raise PreprocessingError(f"image_size must be an integer or [h, w], got {value!r}") from exc
     if any(isinstance(v, bool) or int(v) != v for v in (h, w)) or min(size) < 1:
-        raise PreprocessingError(f"image_size must be positive integers [h, w], got {list(value)}")
+        raise PreprocessingError(f"image_size must be positive integers [h, w], got {[h, w]}")
     return size
 
 

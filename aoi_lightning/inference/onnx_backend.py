@@ -72,9 +72,7 @@ def export_preprocessing(meta: dict) -> Preprocessing:
 class OnnxPredictor:
     """The `Predictor` of the AOI runner over ONNX Runtime."""
 
-    def __init__(
-        self, session, facts: ModelFacts, run_id: str, preprocessing: Preprocessing | None = None
-    ) -> None:
+    def __init__(self, session, facts: ModelFacts, run_id: str, preprocessing: Preprocessing | None = None) -> None:
         self.session = session
         #: How the input images are made (export_meta.json's); default: the default one at `facts.input_size`.
         self.preprocessing = preprocessing or Preprocessing.from_image_size(facts.input_size)
