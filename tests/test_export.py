@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -15,8 +16,9 @@ from onnx import numpy_helper
 
 from aoi_lightning.callbacks import OnnxConsistencyCheck, OnnxExport
 from aoi_lightning.cli import main
+from aoi_lightning.data.preprocess import Preprocessing
 from aoi_lightning.export.consistency import ConsistencyFailed, check_consistency
-from aoi_lightning.export.onnx_export import META_FILE, MODEL_FILE, export_onnx, onnx_input_size
+from aoi_lightning.export.onnx_export import META_FILE, MODEL_FILE, ExportError, export_onnx, onnx_input_size
 from aoi_lightning.models.components.weights import sha256_of
 from aoi_lightning.models.padim.torch_model import PadimModel
 from aoi_lightning.models.patchcore.torch_model import PatchcoreModel
@@ -98,12 +100,21 @@ def test_metadata_round_trip(exported):
         assert source["normalization"]["in_graph"] is True
         assert source["normalization"]["mean"] == pytest.approx(model.feature_extractor.mean.flatten().tolist())
         assert source["opset"] == 17 and source["thresholds"] == {"method": "test"}
+        # no preprocessing given: the default one at the export size, with the model's normalisation
+        lite0 = (0.5, 0.5, 0.5)
+        assert Preprocessing.from_dict(source["preprocessing"]) == Preprocessing((SIZE, SIZE), mean=lite0, std=lite0)
     assert meta["sha256"] == sha256_of(path) and meta["size_bytes"] == path.stat().st_size
     assert meta["versions"]["onnxruntime"] and meta["versions"]["torch"]
     assert onnx_input_size(path) == (SIZE, SIZE)
     graph = onnx.load(str(path), load_external_data=False).graph
     assert [o.name for o in graph.output] == ["pred_score", "anomaly_map"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+
+
+def test_export_refuses_a_preprocessing_of_another_size(fitted, tmp_path):
+    with pytest.raises(ExportError, match=r"preprocessing size \[48, 80\] differs from the export size \[64, 64\]"):
+        export_onnx(fitted("padim"), (SIZE, SIZE), tmp_path / MODEL_FILE, preprocessing=Preprocessing((48, 80)))
+    assert not list(tmp_path.iterdir())
 
 
 def test_large_models_keep_weights_in_external_data(fitted, tmp_path, monkeypatch):
@@ -139,9 +150,15 @@ def test_perturbed_onnx_fails(exported, tmp_path):
 
 
 def _fake_fit(tmp_path: Path, model: torch.nn.Module, callbacks: list):
-    images = _images(4, seed=6)
-    batch = {"image": images, "error": [""] * 4}
-    datamodule = SimpleNamespace(image_size=(SIZE, SIZE), category="synthetic", test_dataloader=lambda: [batch])
+    """A finished fit whose datamodule has four test images (PNG files) and the input size only."""
+    pictures = (_images(4, seed=6).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    samples = []
+    for k, picture in enumerate(pictures):
+        path = tmp_path / "test" / f"{k}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(path), picture[:, :, ::-1])
+        samples.append(SimpleNamespace(image_path=str(path)))
+    datamodule = SimpleNamespace(image_size=(SIZE, SIZE), category="synthetic", test_samples=samples)
     trainer = SimpleNamespace(
         is_global_zero=True,
         interrupted=False,
