@@ -37,16 +37,13 @@ CONFIGS = (
 
 
 def _board_input(image_size: int, size: int):
-    import numpy as np
     import torch
 
-    from aoi_lightning.data.image_io import resize_image
+    from aoi_lightning.data.preprocess import Preprocessing
     from aoi_lightning.data.synthetic_board import Board
 
     image = Board(image_size, seed=0).good("test", 0)
-    if size != image_size:
-        image = resize_image(image, (size, size))
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div(255.0).unsqueeze(0)
+    return torch.from_numpy(Preprocessing((size, size)).to_model_input(image)).unsqueeze(0)
 
 
 def _build(cfg: dict):
