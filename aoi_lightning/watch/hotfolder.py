@@ -225,7 +225,7 @@ class HotFolder:
 
     def _load(self, key: FileKey) -> LoadedImage | None:
         """Decode a settled file; None when it changed meanwhile or gets another settle period."""
-        item = load_image(Path(key.path), self.predictor.facts.input_size, self.output_options.save_overlays)
+        item = load_image(Path(key.path), self.predictor.preprocessing, self.output_options.save_overlays)
         now_key = FileKey.of(key.path)
         if now_key != key:  # written to while we read it: wait again (or gone)
             if now_key is not None:
