@@ -8,14 +8,16 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from aoi_lightning.data.image_io import ImageReadError, read_image
+from aoi_lightning.data.batches import ORIGINAL_KEY, readable_flags
+from aoi_lightning.fileio import read_jsonl
 from aoi_lightning.postprocess.outputs import (
-    ModelFacts,
+    PREDS_FILE,
     OutputOptions,
     PredictionOutputs,
     finish_outputs,
     merge_rank_files,
 )
+from aoi_lightning.postprocess.prediction import ModelFacts, module_facts
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +25,18 @@ log = logging.getLogger(__name__)
 class PredictionWriter(BasePredictionWriter):
     """Writes the OK/NG predictions of `trainer.predict` into an output folder, batch by batch.
 
-    Each rank appends complete lines to `preds.rank{N}.jsonl`; at the end rank zero merges them into
-    `preds.jsonl` in dataset order and writes `report.json`. Unreadable images become error records.
+    A single process appends complete lines to `preds.jsonl` directly; under DDP (world size > 1) each rank
+    appends to `preds.rank{N}.jsonl` and at the end rank zero merges them into `preds.jsonl` in dataset order.
+    Rank zero then writes `report.json`. Unreadable images become error records. Overlays are drawn on the
+    images the data pipeline already decoded (the writer asks the data module to keep the originals), so no
+    image file is read twice.
 
     Args:
         output_dir: output folder (default `<trainer.default_root_dir>/predictions`, i.e. `RUN/predictions`).
         pixel_threshold_mult: multiplier of the model's pixel threshold for the defect masks.
         min_defect_area: smallest defect kept, in model pixels.
         save_masks: write `masks/*.png`.
-        save_overlays: write `overlays/*.png` (the original image is read again from disk).
+        save_overlays: write `overlays/*.png` (on the original images decoded by the data pipeline).
         keep_outputs: also keep every batch output in memory for the return value of `trainer.predict`
             (off by default: memory stays constant however many images are predicted).
     """
@@ -57,18 +62,9 @@ class PredictionWriter(BasePredictionWriter):
 
     @staticmethod
     def _facts(trainer: pl.Trainer, pl_module: pl.LightningModule) -> ModelFacts:
-        model = pl_module.model
-        info = dict(getattr(pl_module, "threshold_info", {}) or {})
         datamodule = trainer.datamodule
         size = getattr(datamodule, "image_size", None) or (0, 0)
-        return ModelFacts(
-            model=str(getattr(pl_module, "model_name", type(pl_module).__name__.lower())),
-            category=str(getattr(datamodule, "category", "")),
-            input_size=(int(size[0]), int(size[1])),
-            image_threshold=float(model.image_threshold),
-            pixel_threshold=float(model.pixel_threshold),
-            thresholds={k: info.get(k) for k in ("quantile_image", "quantile_pixel")},
-        )
+        return module_facts(pl_module, str(getattr(datamodule, "category", "")), size)
 
     @staticmethod
     def _input_root(trainer: pl.Trainer) -> Path | None:
@@ -83,9 +79,15 @@ class PredictionWriter(BasePredictionWriter):
     def _rank_file(self, trainer: pl.Trainer, rank: int) -> Path:
         return self.resolve_output_dir(trainer) / f"preds.rank{rank}.jsonl"
 
+    def _jsonl_name(self, trainer: pl.Trainer) -> str:
+        return PREDS_FILE if trainer.world_size == 1 else self._rank_file(trainer, trainer.global_rank).name
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._started = False
+        datamodule = getattr(trainer, "datamodule", None)
+        if stage == "predict" and self.options.save_overlays and hasattr(datamodule, "keep_originals"):
+            datamodule.keep_originals = True  # the predict items carry their decoded original image
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         facts = self._facts(trainer, pl_module)  # raises when the model has no thresholds
@@ -93,7 +95,7 @@ class PredictionWriter(BasePredictionWriter):
             trainer.predict_loop.return_predictions = False
         out_dir = self.resolve_output_dir(trainer)
         self._outputs = PredictionOutputs(
-            out_dir, facts, self.options, self._input_root(trainer), self._rank_file(trainer, trainer.global_rank).name
+            out_dir, facts, self.options, self._input_root(trainer), self._jsonl_name(trainer)
         ).open()
         self._started = True
         if trainer.is_global_zero:
@@ -113,19 +115,15 @@ class PredictionWriter(BasePredictionWriter):
         scores = prediction["pred_score"].detach().float().cpu().numpy()
         maps = prediction["anomaly_map"].detach().float().cpu().numpy()
         indices = batch.get("index")
-        for i, path in enumerate(batch["image_path"]):
+        originals = batch.get(ORIGINAL_KEY)
+        merged = trainer.world_size > 1
+        for i, (path, ok) in enumerate(zip(batch["image_path"], readable_flags(batch))):
             index = int(indices[i]) if indices is not None else int(batch_indices[i])
-            error = batch["error"][i] if "error" in batch else ""
-            if error:
-                outputs.write_error(path, error, extra={"index": index})
+            extra = {"index": index} if merged else None
+            if not ok:
+                outputs.write_error(path, batch["error"][i], extra=extra)
                 continue
             original = tuple(int(v) for v in batch["original_size"][i])
-            image = None
-            if self.options.save_overlays:
-                try:
-                    image = read_image(path)
-                except ImageReadError as exc:
-                    log.warning("no overlay for %s: %s", path, exc)
             label = int(batch["label"][i]) if "label" in batch else -1
             outputs.write(
                 path,
@@ -133,8 +131,8 @@ class PredictionWriter(BasePredictionWriter):
                 maps[i],
                 original,
                 gt_label=label if label >= 0 else None,
-                image_rgb=image,
-                extra={"index": index},
+                image_rgb=originals[i] if originals is not None else None,
+                extra=extra,
             )
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -146,8 +144,10 @@ class PredictionWriter(BasePredictionWriter):
         trainer.strategy.barrier("prediction_writer")
         if trainer.is_global_zero:
             out_dir = self.resolve_output_dir(trainer)
-            rank_files = [self._rank_file(trainer, r) for r in range(trainer.world_size)]
-            records = merge_rank_files(out_dir, rank_files)
+            if trainer.world_size > 1:
+                records = merge_rank_files(out_dir, [self._rank_file(trainer, r) for r in range(trainer.world_size)])
+            else:
+                records = read_jsonl(out_dir / PREDS_FILE)
             report = finish_outputs(out_dir, records, facts, Path(trainer.default_root_dir).name)
             log.info(
                 "predictions: %d images (%d NG), %d errors -> %s",
@@ -161,6 +161,9 @@ class PredictionWriter(BasePredictionWriter):
         # An empty predict set skips the loop (and its hooks): still leave an empty preds.jsonl and report.
         if stage != "predict":
             return
+        datamodule = getattr(trainer, "datamodule", None)
+        if getattr(datamodule, "keep_originals", False):
+            datamodule.keep_originals = False
         started, self._started = self._started, False
         if started or not trainer.is_global_zero:
             return

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 
 from aoi_lightning.export.onnx_export import DEFAULT_OPSET, ExportError, export_module
-from aoi_lightning.fileio import differing_value, read_json
+from aoi_lightning.rundir.thresholds_file import THRESHOLD_NAMES, check_thresholds_file
 
 log = logging.getLogger(__name__)
 
@@ -28,24 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
 def run_threshold_info(module, run_path: Path) -> dict:
     """Threshold facts of a run: from the checkpoint, else thresholds.json; both must agree with the model."""
     info = dict(getattr(module, "threshold_info", None) or {})
-    file = run_path / "thresholds.json"
-    if file.is_file():
-        try:
-            on_disk = read_json(file)
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"cannot read {file}: {exc}") from exc
-        model_values = {k: float(getattr(module.model, k)) for k in ("image_threshold", "pixel_threshold")}
-        # only the thresholds both sides have are compared
-        expected = {k: v for k, v in model_values.items() if math.isfinite(v) and on_disk.get(k) is not None}
-        differing = differing_value(on_disk, expected)
-        if differing is not None:
-            key, value = differing
-            raise ExportError(
-                f"{file}: {key} {value} does not match the checkpoint's {expected[key]:.8g}; "
-                "the thresholds file and weights/model.ckpt come from different fits"
-            )
-        info = info or on_disk
-    return info
+    model_values = {k: float(getattr(module.model, k)) for k in THRESHOLD_NAMES}
+    on_disk = check_thresholds_file(
+        run_path / "thresholds.json",
+        model_values,
+        "does not match the checkpoint's",
+        "the thresholds file and weights/model.ckpt come from different fits",
+        ExportError,
+    )
+    return info or on_disk or {}
 
 
 def export_run(run_dir: str | Path, opset: int = DEFAULT_OPSET) -> Path:

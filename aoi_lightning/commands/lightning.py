@@ -15,7 +15,7 @@ from aoi_lightning.data.datamodule import MVTecDataModule
 from aoi_lightning.distributed import resolve_strategy
 from aoi_lightning.fileio import write_text_atomic
 from aoi_lightning.models.lightning_base import AnomalyModule
-from aoi_lightning.rundir.artifacts import write_eval_outputs, write_fit_outputs
+from aoi_lightning.rundir.artifacts import write_eval_outputs, write_fit_checkpoint, write_fit_outputs
 from aoi_lightning.rundir.layout import RunDir, new_run_id
 
 log = logging.getLogger("aoi_lightning")
@@ -125,7 +125,13 @@ class AoiCLI(LightningCLI):
         if self.trainer.interrupted:
             return
         self._timings["fit_s"] = time.perf_counter() - self._timings.pop("fit_start")
-        write_fit_outputs(self.trainer, self.model, self.datamodule, self.run_dir, self.config, self._timings)
+        write_fit_checkpoint(self.trainer, self.model, self.datamodule, self.run_dir, self._timings)
+        start = time.perf_counter()
+        tested = bool(self.datamodule.test_samples)
+        if tested:  # test metrics, per-image scores and the HTML report of the fitted model
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=True)
+        self._timings["test_s"] = time.perf_counter() - start
+        write_fit_outputs(self.trainer, self.model, self.datamodule, self.run_dir, self.config, self._timings, tested)
         if self.model.deferred_errors:
             raise self.model.deferred_errors[0]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from aoi_lightning.data.batches import collate_keeping_originals
 from aoi_lightning.data.mvtec import (
     SPLIT_POLICIES,
     AnomalyDataset,
@@ -75,6 +76,8 @@ class MVTecDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.predict_dir = predict_dir
+        #: predict items also carry the decoded original image (set by a prediction writer that draws overlays)
+        self.keep_originals = False
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
         self.test_samples: list[Sample] = []
@@ -103,9 +106,12 @@ class MVTecDataModule(pl.LightningDataModule):
             train, test, self.val_split, self.val_fraction, self.calibration_fraction, self.seed
         )
 
-    def _loader(self, samples: list[Sample], batch_size: int, shard: bool = True) -> DataLoader:
-        """A loader in data order; under DDP (`shard`) each rank reads its own contiguous, unpadded shard."""
-        dataset = AnomalyDataset(samples, self.preprocessing)
+    def _loader(
+        self, samples: list[Sample], batch_size: int, shard: bool = True, keep_originals: bool = False
+    ) -> DataLoader:
+        """A loader in data order; under DDP (`shard`) each rank reads its own contiguous, unpadded shard. With
+        `keep_originals` the batches also hold the decoded originals (a list, `batches.ORIGINAL_KEY`)."""
+        dataset = AnomalyDataset(samples, self.preprocessing, keep_original=keep_originals)
         sampler = None
         trainer = self.trainer
         if shard and trainer is not None and trainer.world_size > 1:
@@ -119,6 +125,7 @@ class MVTecDataModule(pl.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=False,
+            collate_fn=collate_keeping_originals if keep_originals else None,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -127,11 +134,12 @@ class MVTecDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_samples, self.eval_batch_size) if self.val_samples else []
 
-    def test_dataloader(self, shard: bool = True) -> DataLoader:
-        """The test images (under DDP this rank's shard; `shard=False`: all of them, e.g. for a check on one rank)."""
+    def test_dataloader(self, shard: bool = True, keep_originals: bool = False) -> DataLoader:
+        """The test images (under DDP this rank's shard; `shard=False`: all of them, e.g. for a check on one rank;
+        `keep_originals`: with the decoded originals)."""
         if not self.test_samples:
             raise DataError(f"data: no test images under {self.data_root / self.category / 'test'}")
-        return self._loader(self.test_samples, self.eval_batch_size, shard=shard)
+        return self._loader(self.test_samples, self.eval_batch_size, shard=shard, keep_originals=keep_originals)
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_dir:
@@ -139,8 +147,8 @@ class MVTecDataModule(pl.LightningDataModule):
             if not folder.is_dir():
                 raise DataError(f"data.predict_dir: folder not found: {folder}")
             samples = [Sample(str(p), -1, "unknown", None, "predict") for p in list_images(folder, recursive=True)]
-            return self._loader(samples, self.eval_batch_size)
-        return self.test_dataloader()
+            return self._loader(samples, self.eval_batch_size, keep_originals=self.keep_originals)
+        return self.test_dataloader(keep_originals=self.keep_originals)
 
     def train_eval_dataloader(self) -> DataLoader:
         """The training images for scoring (preds_train.jsonl, quantile thresholds)."""

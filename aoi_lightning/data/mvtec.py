@@ -155,22 +155,30 @@ class AnomalyDataset(Dataset):
     Args:
         samples: the images.
         preprocessing: what the model expects (`Preprocessing`), or just its input size (one side, or [h, w]).
+        keep_original: items also carry `original_rgb`, the decoded (h', w', 3) uint8 RGB image (None when
+            unreadable; collate with `batches.collate_keeping_originals`), e.g. for overlays.
 
     Item keys: image (3, H, W) float in [0, 1] (`Preprocessing.load`), mask (1, H, W) uint8, has_mask, label,
-    defect_type, split, image_path, original_size (2,) [h, w], index, error.
+    defect_type, split, image_path, original_size (2,) [h, w], index, error (and `original_rgb`).
     """
 
-    def __init__(self, samples: list[Sample], preprocessing: Preprocessing | int | tuple[int, int]) -> None:
+    def __init__(
+        self,
+        samples: list[Sample],
+        preprocessing: Preprocessing | int | tuple[int, int],
+        keep_original: bool = False,
+    ) -> None:
         self.samples = samples
         self.preprocessing = as_preprocessing(preprocessing)
         self.image_size = self.preprocessing.image_size
+        self.keep_original = keep_original
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
-        loaded = self.preprocessing.load(s.image_path)
+        loaded = self.preprocessing.load(s.image_path, keep_original=self.keep_original)
         error = loaded.error
         image = loaded.model_input if not error else self.preprocessing.blank_input()
         has_mask = s.label == 0 or s.mask_path is not None
@@ -181,7 +189,7 @@ class AnomalyDataset(Dataset):
             except ImageReadError as exc:
                 log.warning("%s", exc)
                 has_mask = False
-        return {
+        item = {
             "image": torch.from_numpy(image),
             "mask": torch.from_numpy(mask).unsqueeze(0),
             "has_mask": has_mask and not error,
@@ -193,3 +201,6 @@ class AnomalyDataset(Dataset):
             "index": index,
             "error": error,
         }
+        if self.keep_original:
+            item["original_rgb"] = loaded.original if not error else None
+        return item

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from aoi_lightning.data.preprocess import Preprocessing, PreprocessingError
-from aoi_lightning.fileio import differing_value
-from aoi_lightning.postprocess.outputs import ModelFacts
+from aoi_lightning.postprocess.prediction import ModelFacts
+from aoi_lightning.rundir.thresholds_file import check_thresholds_file
 
 EXPORT_DIR = "export"
 ONNX_FILE = "model.onnx"
@@ -28,24 +28,6 @@ def _export_dir(model_dir: Path) -> Path:
     if (model_dir / ONNX_FILE).is_file():
         return model_dir
     return model_dir / EXPORT_DIR
-
-
-def _check_run_thresholds(thresholds_path: Path, meta_path: Path, exported: dict[str, float]) -> None:
-    """An export whose thresholds differ from the run's thresholds.json is stale (the run was refit or the
-    file edited after `aoi export`): an error, never a silent choice between the two."""
-    if not thresholds_path.is_file():
-        return  # a copy of just the export folder
-    try:
-        on_disk = json.loads(thresholds_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise OnnxRunError(f"cannot read {thresholds_path}: {str(exc).splitlines()[0]}") from exc
-    differing = differing_value(on_disk, exported)
-    if differing is not None:
-        key, found = differing
-        raise OnnxRunError(
-            f"{thresholds_path}: {key} {found} differs from the export's {exported[key]:.8g} ({meta_path}): the "
-            f"export is stale or the file was edited; re-export with `aoi export --run_dir {thresholds_path.parent}`"
-        )
 
 
 def export_preprocessing(meta: dict) -> Preprocessing:
@@ -108,8 +90,15 @@ class OnnxPredictor:
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise OnnxRunError(f"{meta_path} is not a valid export_meta.json ({type(exc).__name__}: {exc})") from exc
         size = preprocessing.image_size
-        _check_run_thresholds(
-            model_dir / THRESHOLDS_FILE, meta_path, {"image_threshold": image_t, "pixel_threshold": pixel_t}
+        # an export whose thresholds differ from the run's thresholds.json is stale (the run was refit or the
+        # file edited after `aoi export`)
+        check_thresholds_file(
+            model_dir / THRESHOLDS_FILE,
+            {"image_threshold": image_t, "pixel_threshold": pixel_t},
+            "differs from the export's",
+            f"the export is stale or the file was edited; re-export with `aoi export --run_dir {model_dir}`",
+            OnnxRunError,
+            meta_path,
         )
         options = ort.SessionOptions()
         if threads > 0:
@@ -126,13 +115,8 @@ class OnnxPredictor:
         shape = session.get_inputs()[0].shape
         if len(shape) != 4 or [shape[2], shape[3]] != list(size):
             raise OnnxRunError(f"{onnx_path} takes input {shape}, but {meta_path} says image_size {list(size)}")
-        facts = ModelFacts(
-            model=str(meta.get("model", "")),
-            category=str(meta.get("category", "")),
-            input_size=size,
-            image_threshold=image_t,
-            pixel_threshold=pixel_t,
-            thresholds={k: thresholds.get(k) for k in ("quantile_image", "quantile_pixel")},
+        facts = ModelFacts.from_thresholds(
+            meta.get("model", ""), meta.get("category", ""), size, image_t, pixel_t, thresholds
         )
         return cls(session, facts, str(meta.get("run_id", model_dir.name)), preprocessing)
 

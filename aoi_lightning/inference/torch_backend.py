@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from aoi_lightning.data.preprocess import Preprocessing
-from aoi_lightning.postprocess.outputs import ModelFacts
+from aoi_lightning.postprocess.prediction import ModelFacts, module_facts
 
 
 class TorchPredictor:
@@ -35,15 +35,7 @@ class TorchPredictor:
         from aoi_lightning.rundir.loading import load_run_model
 
         module, info = load_run_model(model_dir, device=device, require_thresholds=True)
-        threshold_info = dict(getattr(module, "threshold_info", {}) or {})
-        facts = ModelFacts(
-            model=info.model_name or module.model_name,
-            category=info.category,
-            input_size=module.preprocessing.image_size,
-            image_threshold=float(module.model.image_threshold),
-            pixel_threshold=float(module.model.pixel_threshold),
-            thresholds={k: threshold_info.get(k) for k in ("quantile_image", "quantile_pixel")},
-        )
+        facts = module_facts(module, info.category, module.preprocessing.image_size, info.model_name or None)
         return cls(module.model, facts, info.run.path.name, device, module.preprocessing)
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

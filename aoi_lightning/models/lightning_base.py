@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 
 from aoi_lightning import distributed
+from aoi_lightning.data.batches import readable, readable_flags
 from aoi_lightning.data.preprocess import Preprocessing, PreprocessingError, as_preprocessing
 from aoi_lightning.metrics.evaluation import EvaluationCollector, build_metrics_report
 from aoi_lightning.models.components.base import AnomalyTorchModel, NotFittedError, exact_cuda_math
@@ -82,20 +83,16 @@ class AnomalyModule(pl.LightningModule):
         return self
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        images = batch["image"]
-        ok = [not e for e in batch["error"]]
-        for err in batch["error"]:
-            if err:
-                log.warning("skipping unreadable training image: %s", err)
-        if not any(ok):
+        batch = readable(batch, "training image")
+        if batch is None:
             return None
         start = time.perf_counter()
         with torch.no_grad():
-            self.model.update(images[torch.tensor(ok, device=images.device)])
+            self.model.update(batch["image"])
         self.timings["feature_extraction_s"] = (
             self.timings.get("feature_extraction_s", 0.0) + time.perf_counter() - start
         )
-        self._fit_images += int(sum(ok))
+        self._fit_images += int(batch["image"].shape[0])
         return None
 
     def on_train_end(self) -> None:
@@ -129,20 +126,21 @@ class AnomalyModule(pl.LightningModule):
     def _thresholds(self) -> tuple[float, float]:
         return float(self.model.image_threshold), float(self.model.pixel_threshold)
 
-    def _evaluate(self, collector: EvaluationCollector, batch: dict) -> None:
-        ok = torch.tensor([not e for e in batch["error"]])
-        if not bool(ok.all()):
-            for err in batch["error"]:
-                if err:
-                    log.warning("skipping unreadable image: %s", err)
-            if not bool(ok.any()):
-                return
-            batch = {
-                k: (v[ok] if isinstance(v, torch.Tensor) else [x for x, keep in zip(v, ok) if keep])
-                for k, v in batch.items()
-            }
+    def _evaluate(self, collector: EvaluationCollector, batch: dict) -> dict | None:
+        """Score the readable images of `batch` into `collector`; returns the batch outputs for callbacks:
+        `pred_score` (B,), `anomaly_map` (B, 1, H, W) and the readable items' `image_path`, `label`, `split`."""
+        batch = readable(batch)
+        if batch is None:
+            return None
         out = self.model(batch["image"])
         collector.update(batch, out.pred_score, out.anomaly_map, self._thresholds()[1])
+        return {
+            "pred_score": out.pred_score,
+            "anomaly_map": out.anomaly_map,
+            "image_path": batch["image_path"],
+            "label": batch["label"],
+            "split": batch["split"],
+        }
 
     def on_validation_start(self) -> None:
         self.ensure_fitted()
@@ -185,8 +183,8 @@ class AnomalyModule(pl.LightningModule):
         self.test_collector.reset()
         self._synced.discard("test")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(self.test_collector, batch)
+    def test_step(self, batch: dict, batch_idx: int) -> dict | None:
+        return self._evaluate(self.test_collector, batch)
 
     def on_test_epoch_end(self) -> None:
         image_t, pixel_t = self._thresholds()
@@ -204,7 +202,7 @@ class AnomalyModule(pl.LightningModule):
         self.ensure_fitted()
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        ok = torch.tensor([not e for e in batch["error"]], device=batch["image"].device)
+        ok = torch.tensor(readable_flags(batch), device=batch["image"].device)
         out = self.model(batch["image"])
         return {"pred_score": out.pred_score, "anomaly_map": out.anomaly_map, "ok": ok}
 

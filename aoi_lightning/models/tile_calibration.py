@@ -9,14 +9,16 @@ from collections.abc import Iterator
 import lightning.pytorch as pl
 import torch
 
+from aoi_lightning.data.batches import readable
+
 log = logging.getLogger(__name__)
 
 
 def _good_images(loader, device: torch.device) -> Iterator[torch.Tensor]:
     for batch in loader:
-        ok = torch.tensor([not e for e in batch["error"]])
-        if bool(ok.any()):
-            yield batch["image"][ok].to(device)
+        batch = readable(batch, "training image")
+        if batch is not None:
+            yield batch["image"].to(device)
 
 
 def calibrate_tiles_on_training_images(module: pl.LightningModule) -> None:

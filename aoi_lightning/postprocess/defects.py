@@ -36,6 +36,15 @@ def scale_bbox(bbox: list[int], size: tuple[int, int], to_size: tuple[int, int])
     ]
 
 
+def _as_map(anomaly_map: np.ndarray) -> np.ndarray:
+    amap = np.asarray(anomaly_map, dtype=np.float32)
+    if amap.ndim == 3 and amap.shape[0] == 1:
+        amap = amap[0]
+    if amap.ndim != 2:
+        raise ValueError(f"anomaly map must be (H, W), got shape {amap.shape}")
+    return amap
+
+
 def extract_defects(
     anomaly_map: np.ndarray,
     pixel_threshold: float,
@@ -43,7 +52,7 @@ def extract_defects(
     min_defect_area: int = 0,
     original_size: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
-    """Binary defect mask and one record per defect of an anomaly map.
+    """Binary defect mask and one record per defect of an anomaly map, by the pixel threshold alone.
 
     A pixel is defective when `map >= pixel_threshold * mult`. Defects are the 8-connected components of
     that mask with at least `min_defect_area` pixels (smaller ones are removed from the mask too), numbered
@@ -65,20 +74,25 @@ def extract_defects(
 
     Returns:
         mask (H, W) uint8 in {0, 1} and the list of defect dicts (plain int/float/list values).
+
+    Raises:
+        ValueError: a map that is not (H, W), or a threshold that is not a finite number.
     """
-    amap = np.asarray(anomaly_map, dtype=np.float32)
-    if amap.ndim == 3 and amap.shape[0] == 1:
-        amap = amap[0]
-    if amap.ndim != 2:
-        raise ValueError(f"anomaly map must be (H, W), got shape {amap.shape}")
+    amap = _as_map(anomaly_map)
     threshold = float(pixel_threshold) * float(mult)
     if not math.isfinite(threshold):
         raise ValueError(f"pixel threshold is not a finite number ({pixel_threshold} x {mult})")
+    binary = (amap >= threshold).astype(np.uint8)
+    return _regions(binary, amap, min_defect_area, original_size)
+
+
+def _regions(
+    binary: np.ndarray, amap: np.ndarray, min_defect_area: int, original_size: tuple[int, int] | None
+) -> tuple[np.ndarray, list[dict]]:
+    """8-connected components of `binary` (at least `min_defect_area` pixels) as (mask, defect dicts)."""
     height, width = amap.shape
     oh, ow = (height, width) if original_size is None else (int(original_size[0]), int(original_size[1]))
     sx, sy = ow / width, oh / height
-
-    binary = (amap >= threshold).astype(np.uint8)
     n, labels, stats, centroids = cv2.connectedComponentsWithStats(binary, connectivity=8, ltype=cv2.CV_32S)
     if n <= 1:
         return binary, []

@@ -6,16 +6,16 @@ Shared by the `aoi run` runner and the PredictionWriter callback, so both produc
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from aoi_lightning.fileio import dumps, output_name, read_jsonl, write_json, write_jsonl
-from aoi_lightning.postprocess.defects import extract_defects
-from aoi_lightning.postprocess.records import build_report, error_record, prediction_record
-from aoi_lightning.postprocess.render import render_overlay, save_mask_png, write_png
+from aoi_lightning.postprocess.prediction import ModelFacts, OutputOptions, postprocess_prediction
+from aoi_lightning.postprocess.records import build_report, error_record
+from aoi_lightning.postprocess.render import save_mask_png, write_png
+
+__all__ = ["ModelFacts", "OutputOptions", "PredictionOutputs", "finish_outputs", "merge_rank_files"]
 
 log = logging.getLogger(__name__)
 
@@ -23,51 +23,6 @@ MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
 PREDS_FILE = "preds.jsonl"
 REPORT_JSON = "report.json"
-
-
-@dataclass(frozen=True)
-class OutputOptions:
-    """What to write per image.
-
-    Attributes:
-        pixel_threshold_mult: multiplier of the pixel threshold (sensitivity of the defect masks).
-        min_defect_area: smallest defect kept, in model pixels.
-        save_masks: write `masks/<name>.png` (0/255 at the original size).
-        save_overlays: write `overlays/<name>.png` (heat map, outlines, verdict at the original size).
-    """
-
-    pixel_threshold_mult: float = 1.0
-    min_defect_area: int = 0
-    save_masks: bool = True
-    save_overlays: bool = True
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.pixel_threshold_mult) and self.pixel_threshold_mult > 0):
-            raise ValueError(f"pixel_threshold_mult must be a positive number, got {self.pixel_threshold_mult}")
-        if self.min_defect_area < 0:
-            raise ValueError(f"min_defect_area must be >= 0, got {self.min_defect_area}")
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """The model side of every record: name, category, input size (h, w) and thresholds (`quantile_*` optional)."""
-
-    model: str
-    category: str
-    input_size: tuple[int, int]
-    image_threshold: float
-    pixel_threshold: float
-    thresholds: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.image_threshold) and math.isfinite(self.pixel_threshold)):
-            raise ValueError(
-                "the model has no thresholds: train it with `aoi fit --config experiments/<experiment>.yaml` "
-                "(the ThresholdTuning callback sets them)"
-            )
-
-    def report_thresholds(self) -> dict:
-        return {**self.thresholds, "image_threshold": self.image_threshold, "pixel_threshold": self.pixel_threshold}
 
 
 class PredictionOutputs:
@@ -148,7 +103,7 @@ class PredictionOutputs:
         extra: dict | None = None,
         name: str | None = None,
     ) -> dict:
-        """Post-process one prediction and write its files and line.
+        """Post-process one prediction (`postprocess_prediction`) and write its mask, overlay and line.
 
         Args:
             image_path: input file.
@@ -164,36 +119,25 @@ class PredictionOutputs:
         Returns:
             the record.
         """
-        opts, facts = self.options, self.facts
-        amap = np.asarray(anomaly_map, dtype=np.float32).reshape(anomaly_map.shape[-2:])
-        mask, defects = extract_defects(
-            amap, facts.pixel_threshold, opts.pixel_threshold_mult, opts.min_defect_area, original_size
+        opts = self.options
+        result = postprocess_prediction(
+            image_path,
+            pred_score,
+            anomaly_map,
+            self.facts,
+            opts,
+            original_size,
+            gt_label,
+            image_rgb if opts.save_overlays else None,
         )
+        record = result.record
         name = name or output_name(image_path, self.input_root)
-        mask_rel = overlay_rel = None
         if opts.save_masks:
-            path, mask_rel = self._file(MASKS_DIR, name)
-            save_mask_png(mask, original_size, path)
-        if opts.save_overlays and image_rgb is not None:
-            path, overlay_rel = self._file(OVERLAYS_DIR, name)
-            effective = facts.pixel_threshold * opts.pixel_threshold_mult
-            picture = render_overlay(image_rgb, amap, mask, defects, pred_score, facts.image_threshold, effective)
-            write_png(path, picture)
-        record = prediction_record(
-            image_path=image_path,
-            model=facts.model,
-            category=facts.category,
-            image_size=original_size,
-            model_input_size=facts.input_size,
-            gt_label=gt_label,
-            pred_score=pred_score,
-            image_threshold=facts.image_threshold,
-            pixel_threshold=facts.pixel_threshold,
-            pixel_threshold_mult=opts.pixel_threshold_mult,
-            defects=defects,
-            mask_path=mask_rel,
-            overlay_path=overlay_rel,
-        )
+            path, record["mask_path"] = self._file(MASKS_DIR, name)
+            save_mask_png(result.mask, original_size, path)
+        if result.overlay is not None:
+            path, record["overlay_path"] = self._file(OVERLAYS_DIR, name)
+            write_png(path, result.overlay)
         self._append(record, extra)
         return record
 

@@ -29,6 +29,11 @@ ERROR_KEYS = ("image_path", "error")
 THRESHOLD_KEYS = ("image_threshold", "pixel_threshold", "quantile_image", "quantile_pixel")
 
 
+def is_ng(pred_score: float, image_threshold: float) -> bool:
+    """The image verdict: NG iff `pred_score >= image_threshold`."""
+    return bool(float(pred_score) >= float(image_threshold))
+
+
 def prediction_record(
     image_path: str,
     model: str,
@@ -47,10 +52,11 @@ def prediction_record(
     """One `preds.jsonl` line of a predicted image.
 
     `image_size` is the original (h, w); `total_defect_area` and each defect's `area` are in model pixels
-    (the `*_original` keys of a defect give the original resolution). NG when `pred_score >= image_threshold`.
+    (the `*_original` keys of a defect give the original resolution). NG when `pred_score >= image_threshold`
+    (`is_ng`).
     """
     score = float(pred_score)
-    is_anomaly = bool(score >= float(image_threshold))
+    is_anomaly = is_ng(score, image_threshold)
     record = {
         "image_path": str(image_path),
         "model": model,

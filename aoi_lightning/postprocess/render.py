@@ -9,6 +9,7 @@ import numpy as np
 
 from aoi_lightning.fileio import write_bytes_atomic
 from aoi_lightning.postprocess.defects import scale_bbox
+from aoi_lightning.postprocess.records import is_ng
 
 OK_COLOR = (0, 200, 0)  # BGR
 NG_COLOR = (0, 0, 255)
@@ -70,7 +71,7 @@ def render_overlay(
         image_rgb: (h, w, 3) uint8 original image.
         anomaly_map: (H, W) anomaly map at the model's resolution.
         mask: (H, W) binary defect mask at the model's resolution.
-        defects: defect dicts of `extract_defects` (their model-resolution `bbox` boxes are drawn, mapped onto
+        defects: defect dicts of the postprocessing (their model-resolution `bbox` boxes are drawn, mapped onto
             the picture; the same boxes as `bbox_original` when the picture has the original size).
         pred_score: image score; NG when `pred_score >= image_threshold`.
         image_threshold: image threshold.
@@ -94,14 +95,14 @@ def render_overlay(
         x0, y0, x1, y1 = scale_bbox(d["bbox"], grid, (h, w))
         cv2.rectangle(out, (int(x0), int(y0)), (int(x1), int(y1)), BOX_COLOR, line)
 
-    is_ng = float(pred_score) >= float(image_threshold)
-    text = f"{'NG' if is_ng else 'OK'}  score {pred_score:.4g} / thr {image_threshold:.4g}"
+    ng = is_ng(pred_score, image_threshold)
+    text = f"{'NG' if ng else 'OK'}  score {pred_score:.4g} / thr {image_threshold:.4g}"
     scale = max(0.4, min(h, w) / 640)
     thick = max(1, round(scale * 2))
     (tw, th), base_line = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
     pad = max(3, th // 3)
     cv2.rectangle(out, (0, 0), (min(w - 1, tw + 2 * pad), th + base_line + 2 * pad), (0, 0, 0), -1)
     cv2.putText(
-        out, text, (pad, th + pad), cv2.FONT_HERSHEY_SIMPLEX, scale, NG_COLOR if is_ng else OK_COLOR, thick, cv2.LINE_AA
+        out, text, (pad, th + pad), cv2.FONT_HERSHEY_SIMPLEX, scale, NG_COLOR if ng else OK_COLOR, thick, cv2.LINE_AA
     )
     return out

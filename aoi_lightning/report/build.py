@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from aoi_lightning.fileio import write_text_atomic
+from aoi_lightning.postprocess.records import is_ng
 from aoi_lightning.report.gallery import (
     encode,
     fit_height,
@@ -39,7 +41,7 @@ def labelled_records(records: list[dict], split: str = "test") -> list[dict]:
 
 
 def pick_gallery(records: list[dict], image_threshold: float, size: int) -> tuple[list[dict], list[dict], dict]:
-    """Worst errors at `image_threshold` (NG when score >= threshold).
+    """Worst errors at `image_threshold` (NG when score > threshold, `is_ng`).
 
     Returns:
         false positives (good, highest scores first), false negatives (defective, lowest scores first), each
@@ -49,16 +51,77 @@ def pick_gallery(records: list[dict], image_threshold: float, size: int) -> tupl
     """
     good = [r for r in records if r["gt_label"] == 0]
     bad = [r for r in records if r["gt_label"] == 1]
-    fps = sorted((r for r in good if r["pred_score"] >= image_threshold), key=lambda r: -r["pred_score"])
-    fns = sorted((r for r in bad if r["pred_score"] < image_threshold), key=lambda r: r["pred_score"])
+    fps = sorted((r for r in good if is_ng(r["pred_score"], image_threshold)), key=lambda r: -r["pred_score"])
+    fns = sorted((r for r in bad if not is_ng(r["pred_score"], image_threshold)), key=lambda r: r["pred_score"])
     closest = {}
-    ok_good = [r for r in good if r["pred_score"] < image_threshold]
-    ng_bad = [r for r in bad if r["pred_score"] >= image_threshold]
+    ok_good = [r for r in good if not is_ng(r["pred_score"], image_threshold)]
+    ng_bad = [r for r in bad if is_ng(r["pred_score"], image_threshold)]
     if ok_good:
         closest["false_positives"] = max(ok_good, key=lambda r: r["pred_score"])
     if ng_bad:
         closest["false_negatives"] = min(ng_bad, key=lambda r: r["pred_score"])
     return fps[:size], fns[:size], closest
+
+
+class GalleryMaps:
+    """The anomaly maps of only the images a gallery can show, kept during an evaluation pass (bounded memory).
+
+    `pick_gallery` shows, whatever the threshold, good images from the highest score down (false positives,
+    or the closest call) and defective images from the lowest score up; so per split the `size` highest-scoring
+    good images and the `size` lowest-scoring defective images are all it can ever need. Memory:
+    at most 2 x `size` maps per split.
+
+    Args:
+        size: pictures per gallery (`HtmlReport.gallery_size`).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+        self._heaps: dict[tuple[str, int], list] = {}
+        self._count = 0
+
+    def update(self, image_paths, labels, splits, scores, maps) -> None:
+        """Offer a batch: image paths, gt labels (0/1; others ignored), splits, scores (B,), maps (B, H, W) or
+        (B, 1, H, W) (numpy or CPU tensors)."""
+        if self.size <= 0:
+            return
+        for i, path in enumerate(image_paths):
+            label = int(labels[i])
+            if label not in (0, 1):
+                continue
+            score = float(scores[i])
+            heap = self._heaps.setdefault((str(splits[i]), label), [])
+            # a min-heap on the key: good keeps its highest scores, defective its lowest
+            key = score if label == 0 else -score
+            if len(heap) >= self.size and key <= heap[0][0]:
+                continue
+            self._count += 1
+            amap = np.array(maps[i], dtype=np.float32)
+            item = (key, -self._count, str(path), score, amap.reshape(amap.shape[-2:]))
+            if len(heap) < self.size:
+                heapq.heappush(heap, item)
+            else:
+                heapq.heapreplace(heap, item)
+
+    def merge_from(self, others: list[GalleryMaps]) -> None:
+        """Take in the maps of other keepers (e.g. the other ranks' shares); the bound still holds."""
+        for other in others:
+            if other is self:
+                continue
+            for (split, label), heap in other._heaps.items():
+                mine = self._heaps.setdefault((split, label), [])
+                for item in heap:
+                    if len(mine) < self.size:
+                        heapq.heappush(mine, item)
+                    elif item[0] > mine[0][0]:
+                        heapq.heapreplace(mine, item)
+
+    def maps(self) -> dict[str, tuple[float, np.ndarray]]:
+        """`image_path -> (score, (H, W) map)` of every kept image."""
+        return {item[2]: (item[3], item[4]) for heap in self._heaps.values() for item in heap}
+
+    def __len__(self) -> int:
+        return sum(len(h) for h in self._heaps.values())
 
 
 def gallery_picture(record: dict, overlay: np.ndarray | None, mask_suffix: str) -> bytes:
@@ -87,7 +150,7 @@ def per_defect_rows(metrics: dict, records: list[dict], image_threshold: float |
         if recs:
             row["mean_score"] = float(np.mean([r["pred_score"] for r in recs]))
             if image_threshold is not None and math.isfinite(image_threshold):
-                wrong = sum((r["pred_score"] >= image_threshold) != bool(r["gt_label"]) for r in recs)
+                wrong = sum(is_ng(r["pred_score"], image_threshold) != bool(r["gt_label"]) for r in recs)
                 row["test_wrong"] = int(wrong)
                 row["test_error_rate"] = wrong / len(recs)
         if name != "good" or recs:
@@ -139,17 +202,19 @@ def build_report_data(
         data.gallery_notes = {"false_positives": msg, "false_negatives": msg}
         return data
     fps, fns, closest = pick_gallery(recs, image_t, gallery_size)
-    wanted = [r["image_path"] for r in (*fps, *fns, *closest.values())]
-    pictures = overlays(wanted) if overlays is not None and wanted else {}
+    shown: dict[str, list[tuple[str, dict]]] = {}
     for key, items, what in (("false_positives", fps, "false positive"), ("false_negatives", fns, "false negative")):
-        chosen = [(what, r) for r in items]
+        shown[key] = [(what, r) for r in items]
         if not items:
             near = closest.get(key)
             note = f"No {what}s on the {split} split."
             if near is not None:
                 note += " The closest call (judged correctly) is shown."
-                chosen = [("closest call", near)]
+                shown[key] = [("closest call", near)]
             data.gallery_notes[key] = note
+    wanted = [r["image_path"] for chosen in shown.values() for _, r in chosen]
+    pictures = overlays(wanted) if overlays is not None and wanted else {}
+    for key, chosen in shown.items():
         gallery = [
             GalleryItem(
                 title,

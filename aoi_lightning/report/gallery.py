@@ -11,12 +11,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from aoi_lightning.data.image_io import ImageReadError, read_image, read_mask
+from aoi_lightning.data.image_io import ImageReadError, read_image, read_image_with_size, read_mask
 from aoi_lightning.data.mvtec import find_mask
 from aoi_lightning.data.preprocess import Preprocessing, as_preprocessing
 from aoi_lightning.fileio import read_jsonl
-from aoi_lightning.postprocess.defects import extract_defects
-from aoi_lightning.postprocess.render import render_overlay
+from aoi_lightning.postprocess.prediction import ModelFacts, OutputOptions, postprocess_prediction
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,35 @@ def read_bgr(path: str | Path) -> np.ndarray | None:
         return None
 
 
+def overlay_of(
+    image_path: str, pred_score: float, anomaly_map: np.ndarray, facts: ModelFacts, options: OutputOptions | None = None
+) -> np.ndarray | None:
+    """The overlay `aoi run` / `aoi predict` would draw for a prediction (`postprocess_prediction`), on the
+    image read from `image_path`; None when the image cannot be read."""
+    try:
+        rgb, original_size = read_image_with_size(image_path)
+    except ImageReadError as exc:
+        log.warning("no overlay: %s", exc)
+        return None
+    result = postprocess_prediction(
+        image_path, pred_score, anomaly_map, facts, options or OutputOptions(), original_size, image_rgb=rgb
+    )
+    return result.overlay
+
+
+def overlays_from_maps(
+    maps: dict[str, tuple[float, np.ndarray]], facts: ModelFacts, options: OutputOptions | None = None
+) -> dict[str, np.ndarray]:
+    """Overlays of predictions already made: `image_path -> (score, (H, W) anomaly map)` -> `image_path -> (h, w, 3)`
+    BGR overlay at the original size (unreadable images left out). No forward pass."""
+    out = {}
+    for path, (score, amap) in maps.items():
+        picture = overlay_of(path, score, amap, facts, options)
+        if picture is not None:
+            out[path] = picture
+    return out
+
+
 def render_model_overlays(
     model,
     image_paths: list[str],
@@ -77,7 +105,8 @@ def render_model_overlays(
     device="cpu",
     pixel_threshold_mult: float = 1.0,
 ) -> dict[str, np.ndarray]:
-    """Overlays of the given images rendered with a fitted torch model (as `aoi predict` draws them).
+    """Overlays of the given images rendered with a fitted model (the postprocessing of `aoi predict`), for runs
+    whose predictions are not at hand (`aoi report`, `aoi compare --render_missing`).
 
     Args:
         model: fitted `AnomalyTorchModel` with thresholds.
@@ -92,7 +121,8 @@ def render_model_overlays(
     import torch
 
     preprocessing = as_preprocessing(preprocessing)
-    image_t, pixel_t = float(model.image_threshold), float(model.pixel_threshold) * pixel_threshold_mult
+    facts = ModelFacts.from_thresholds("", "", preprocessing.image_size, model.image_threshold, model.pixel_threshold)
+    options = OutputOptions(pixel_threshold_mult=pixel_threshold_mult)
     out: dict[str, np.ndarray] = {}
     model.eval()
     for path in image_paths:
@@ -104,8 +134,10 @@ def render_model_overlays(
         with torch.inference_mode():
             res = model(torch.from_numpy(loaded.model_input).unsqueeze(0).to(device))
         amap = res.anomaly_map[0, 0].float().cpu().numpy()
-        mask, defects = extract_defects(amap, pixel_t, 1.0, 0, rgb.shape[:2])
-        out[path] = render_overlay(rgb, amap, mask, defects, float(res.pred_score[0]), image_t, pixel_t)
+        result = postprocess_prediction(
+            path, float(res.pred_score[0]), amap, facts, options, loaded.original_size, image_rgb=rgb
+        )
+        out[path] = result.overlay
     return out
 
 

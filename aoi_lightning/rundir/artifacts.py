@@ -1,4 +1,5 @@
-"""What a fit or an evaluation writes into the run directory (rank zero only)."""
+"""What a fit or an evaluation writes into the run directory (rank zero only). Writers only: the passes that
+produce the results (fit, test) are started by the CLI."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from lightning.pytorch import Trainer
 
 from aoi_lightning.fileio import write_json, write_jsonl
 from aoi_lightning.models.lightning_base import AnomalyModule
+from aoi_lightning.postprocess.records import is_ng
 from aoi_lightning.rundir.layout import RunDir, new_run_id
 from aoi_lightning.rundir.meta import build_meta
 from aoi_lightning.rundir.scoring import score_loader
@@ -23,14 +25,15 @@ def decorate(records: list[dict], image_threshold: float) -> list[dict]:
     for rec in records:
         item = {k: v for k, v in rec.items() if k != "map_max"}
         if math.isfinite(image_threshold):
-            item["is_anomaly"] = bool(rec["pred_score"] >= image_threshold)
+            item["is_anomaly"] = is_ng(rec["pred_score"], image_threshold)
             item["label"] = "NG" if item["is_anomaly"] else "OK"
         out.append(item)
     return out
 
 
-def write_fit_outputs(trainer: Trainer, model: AnomalyModule, datamodule, run: RunDir, config, timings: dict) -> None:
-    """After `fit`: checkpoint, train scores, test pass with metrics.json and per-split predictions, meta.json."""
+def write_fit_checkpoint(trainer: Trainer, model: AnomalyModule, datamodule, run: RunDir, timings: dict) -> None:
+    """After `fit`, before the test pass: the checkpoint and `preds_train.jsonl` (the training images' scores,
+    reused from the threshold tuning when it already computed them)."""
     trainer.save_checkpoint(run.checkpoint, weights_only=True)
     image_t = float(model.model.image_threshold)
     start = time.perf_counter()
@@ -40,14 +43,17 @@ def write_fit_outputs(trainer: Trainer, model: AnomalyModule, datamodule, run: R
             train_records, _ = score_loader(model.model, datamodule.train_eval_dataloader(), model.device)
         write_jsonl(run.preds("train"), decorate(train_records, image_t))
     timings["score_train_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    has_test = bool(datamodule.test_samples)
-    if has_test:
-        trainer.test(model, datamodule=datamodule, verbose=True)
-    timings["test_s"] = time.perf_counter() - start
+
+
+def write_fit_outputs(
+    trainer: Trainer, model: AnomalyModule, datamodule, run: RunDir, config, timings: dict, tested: bool
+) -> None:
+    """After `fit` and its test pass (`tested`): metrics.json and per-split predictions of the test pass held in
+    `model`, and meta.json (rank zero only)."""
     if not trainer.is_global_zero:
         return
-    if has_test:
+    image_t = float(model.model.image_threshold)
+    if tested:
         report = dict(model.test_report)
         write_json(run.metrics, report)
         records = decorate(model.test_collector.records, image_t)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import pickle
 import zipfile
@@ -13,9 +12,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from aoi_lightning.fileio import differing_value
 from aoi_lightning.models.lightning_base import AnomalyModule
 from aoi_lightning.rundir.layout import RunDir
+from aoi_lightning.rundir.thresholds_file import check_thresholds_file as check_thresholds_file_agrees
 
 #: Model classes a checkpoint may name (nothing else is ever imported from a checkpoint).
 _PADIM = "aoi_lightning.models.padim.lightning_model:Padim"
@@ -158,28 +157,23 @@ def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "c
 def check_thresholds_file(thresholds: dict[str, float], run: RunDir) -> None:
     """The checkpoint's threshold buffers (`thresholds`: image_threshold, pixel_threshold) are what the model
     uses; a `thresholds.json` beside it that says otherwise (edited, or from another fit) is an error rather
-    than a silent choice. No file, or a checkpoint without thresholds: nothing to check.
+    than a silent choice (`rundir.thresholds_file.check_thresholds_file`). No file, or a checkpoint without
+    thresholds: nothing to check.
 
     Raises:
         RunError: unreadable thresholds.json, or a threshold in it that differs from the checkpoint's.
     """
-    path = run.thresholds
-    if not path.is_file() or not all(math.isfinite(v) for v in thresholds.values()):
+    if not all(math.isfinite(v) for v in thresholds.values()):
         return
-    try:
-        on_disk = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise RunError(f"cannot read {path}: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(on_disk, dict):
-        raise RunError(f"{path} is not a thresholds file (expected a JSON object)")
-    differing = differing_value(on_disk, thresholds)
-    if differing is not None:
-        key, value = differing
-        raise RunError(
-            f"{path}: {key} {value} does not match the checkpoint's {thresholds[key]:.8g} ({run.checkpoint}); "
-            "the checkpoint's thresholds are the model's: restore the thresholds.json of this fit or refit, "
-            "and set the defect sensitivity with --pixel_threshold_mult, not by editing the file"
-        )
+    check_thresholds_file_agrees(
+        run.thresholds,
+        thresholds,
+        "does not match the checkpoint's",
+        "the checkpoint's thresholds are the model's: restore the thresholds.json of this fit or refit, "
+        "and set the defect sensitivity with --pixel_threshold_mult, not by editing the file",
+        RunError,
+        run.checkpoint,
+    )
 
 
 def _apply_search_settings(model: AnomalyModule, config: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
+from aoi_lightning.data.batches import readable
 from aoi_lightning.models.components.base import AnomalyTorchModel
 
 
@@ -16,15 +17,13 @@ def score_loader(
     records, map_max = [], []
     model.eval()
     for batch in loader:
-        ok = [not e for e in batch["error"]]
-        if not any(ok):
+        batch = readable(batch)
+        if batch is None:
             continue
-        keep = torch.tensor(ok)
-        out = model(batch["image"][keep].to(device))
+        out = model(batch["image"].to(device))
         scores = out.pred_score.float().cpu().tolist()
         maxima = out.anomaly_map.float().amax(dim=(1, 2, 3)).cpu().tolist()
-        kept = [i for i, k in enumerate(ok) if k]
-        for j, i in enumerate(kept):
+        for i, (score, peak) in enumerate(zip(scores, maxima)):
             label = int(batch["label"][i])
             records.append(
                 {
@@ -32,8 +31,8 @@ def score_loader(
                     "gt_label": label if label >= 0 else None,
                     "defect_type": batch["defect_type"][i],
                     "split": batch["split"][i],
-                    "pred_score": scores[j],
+                    "pred_score": score,
                 }
             )
-            map_max.append(maxima[j])
+            map_max.append(peak)
     return records, map_max

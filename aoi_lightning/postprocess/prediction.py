@@ -1,0 +1,197 @@
+"""The one postprocessing of a prediction: (score, anomaly map, model facts, options, original size) -> verdict,
+located defects, the `preds.jsonl` record, the defect mask and the overlay picture.
+
+Every path that turns a model output into an answer goes through `postprocess_prediction`: `aoi run` (torch
+and ONNX), the PredictionWriter of `aoi predict`, the HTML report's gallery and the overlays of `aoi compare`.
+numpy and OpenCV only (the ONNX path imports this without torch).
+
+The verdict is NG iff `pred_score >= image_threshold`; the defects are the 8-connected components of
+`map >= pixel threshold x pixel_threshold_mult` with at least `min_defect_area` pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aoi_lightning.postprocess.defects import extract_defects
+from aoi_lightning.postprocess.records import is_ng, prediction_record
+from aoi_lightning.postprocess.render import render_overlay
+
+__all__ = [
+    "ModelFacts",
+    "OutputOptions",
+    "Prediction",
+    "is_ng",
+    "module_facts",
+    "postprocess_prediction",
+]
+
+#: Threshold facts that travel into report.json besides the two thresholds.
+EXTRA_THRESHOLD_KEYS = ("quantile_image", "quantile_pixel")
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What to write per image.
+
+    Attributes:
+        pixel_threshold_mult: multiplier of the pixel threshold (sensitivity of the defect masks).
+        min_defect_area: smallest defect kept, in model pixels.
+        save_masks: write `masks/<name>.png` (0/255 at the original size).
+        save_overlays: write `overlays/<name>.png` (heat map, outlines, verdict at the original size).
+    """
+
+    pixel_threshold_mult: float = 1.0
+    min_defect_area: int = 0
+    save_masks: bool = True
+    save_overlays: bool = True
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.pixel_threshold_mult) and self.pixel_threshold_mult > 0):
+            raise ValueError(f"pixel_threshold_mult must be a positive number, got {self.pixel_threshold_mult}")
+        if self.min_defect_area < 0:
+            raise ValueError(f"min_defect_area must be >= 0, got {self.min_defect_area}")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The model side of every record: name, category, input size (h, w) and thresholds (`quantile_*` optional).
+
+    Build it with `ModelFacts.from_thresholds` (any back end) or `module_facts` (a torch/Lightning module).
+    """
+
+    model: str
+    category: str
+    input_size: tuple[int, int]
+    image_threshold: float
+    pixel_threshold: float
+    thresholds: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.image_threshold) and math.isfinite(self.pixel_threshold)):
+            raise ValueError(
+                "the model has no thresholds: train it with `aoi fit --config experiments/<experiment>.yaml` "
+                "(the ThresholdTuning callback sets them)"
+            )
+
+    @classmethod
+    def from_thresholds(
+        cls, model: str, category: str, input_size, image_threshold: float, pixel_threshold: float, info=None
+    ) -> ModelFacts:
+        """The one constructor of the facts of a model, torch or ONNX.
+
+        Args:
+            model: model name (`padim`, `patchcore`).
+            category: data category.
+            input_size: (H, W) model input size.
+            image_threshold: the threshold the model carries (checkpoint buffer, export metadata).
+            pixel_threshold: likewise.
+            info: thresholds.json-like facts; its `quantile_image` / `quantile_pixel` go into report.json.
+
+        Raises:
+            ValueError: a threshold that is not finite (the model was never tuned).
+        """
+        info = dict(info or {})
+        return cls(
+            model=str(model),
+            category=str(category),
+            input_size=(int(input_size[0]), int(input_size[1])),
+            image_threshold=float(image_threshold),
+            pixel_threshold=float(pixel_threshold),
+            thresholds={k: info.get(k) for k in EXTRA_THRESHOLD_KEYS},
+        )
+
+    def report_thresholds(self) -> dict:
+        return {**self.thresholds, "image_threshold": self.image_threshold, "pixel_threshold": self.pixel_threshold}
+
+    def effective_pixel_threshold(self, options: OutputOptions) -> float:
+        return self.pixel_threshold * options.pixel_threshold_mult
+
+
+def module_facts(module, category: str, input_size, model_name: str | None = None) -> ModelFacts:
+    """`ModelFacts.from_thresholds` of a fitted AnomalyModule (its `model` buffers and `threshold_info`)."""
+    name = model_name or getattr(module, "model_name", None) or type(module).__name__.lower()
+    return ModelFacts.from_thresholds(
+        name,
+        category,
+        input_size,
+        float(module.model.image_threshold),
+        float(module.model.pixel_threshold),
+        getattr(module, "threshold_info", None),
+    )
+
+
+@dataclass
+class Prediction:
+    """The postprocessed answer for one image.
+
+    Attributes:
+        record: the `preds.jsonl` record (without `mask_path` / `overlay_path`, which the writer adds).
+        mask: (H, W) uint8 {0, 1} defect mask at the model's resolution (all zero for an OK image).
+        overlay: (h, w, 3) BGR uint8 overlay at the size of the given image, or None without an image.
+    """
+
+    record: dict
+    mask: np.ndarray
+    overlay: np.ndarray | None = None
+
+    @property
+    def is_anomaly(self) -> bool:
+        return bool(self.record["is_anomaly"])
+
+    @property
+    def defects(self) -> list[dict]:
+        return self.record["defects"]
+
+
+def postprocess_prediction(
+    image_path: str,
+    pred_score: float,
+    anomaly_map: np.ndarray,
+    facts: ModelFacts,
+    options: OutputOptions,
+    original_size: tuple[int, int],
+    gt_label: int | None = None,
+    image_rgb: np.ndarray | None = None,
+) -> Prediction:
+    """Verdict, defects, record, mask and overlay of one prediction.
+
+    Args:
+        image_path: input file (stored in the record).
+        pred_score: image score.
+        anomaly_map: (H, W) or (1, H, W) anomaly map at the model's resolution.
+        facts: model name, category, input size, thresholds.
+        options: pixel threshold multiplier and minimum defect area (the save flags are the writer's).
+        original_size: (h, w) of the original image.
+        gt_label: 0/1 when known.
+        image_rgb: (h, w, 3) uint8 image for the overlay (the original, or its reduced decoding); no overlay
+            when None.
+
+    Returns:
+        the `Prediction` (record, model-resolution mask, overlay or None).
+    """
+    amap = np.asarray(anomaly_map, dtype=np.float32)
+    amap = amap.reshape(amap.shape[-2:])
+    score = float(pred_score)
+    effective = facts.effective_pixel_threshold(options)
+    mask, defects = extract_defects(amap, effective, 1.0, options.min_defect_area, original_size)
+    record = prediction_record(
+        image_path=image_path,
+        model=facts.model,
+        category=facts.category,
+        image_size=original_size,
+        model_input_size=facts.input_size,
+        gt_label=gt_label,
+        pred_score=score,
+        image_threshold=facts.image_threshold,
+        pixel_threshold=facts.pixel_threshold,
+        pixel_threshold_mult=options.pixel_threshold_mult,
+        defects=defects,
+    )
+    overlay = None
+    if image_rgb is not None:
+        overlay = render_overlay(image_rgb, amap, mask, defects, score, facts.image_threshold, effective)
+    return Prediction(record, mask, overlay)

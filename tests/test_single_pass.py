@@ -1,0 +1,149 @@
+"""No work done twice: the prediction writer decodes each image once, a single process writes preds.jsonl
+directly, and the HTML report's gallery comes from the maps of the test pass (no second forward pass)."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aoi_lightning.fileio import read_json, read_jsonl
+from aoi_lightning.report.build import GalleryMaps, pick_gallery
+
+
+def _predict_argv(run: Path, *extra) -> list:
+    return ["predict", "--config", run / "config.yaml", "--ckpt_path", run / "weights" / "model.ckpt",
+            "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", *extra]  # fmt: skip
+
+
+def test_prediction_writer_decodes_each_image_once_and_writes_no_rank_file(
+    aoi_cli, patchcore_run: Path, tiny_mvtec_root: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import aoi_lightning.data.image_io as image_io
+    import aoi_lightning.data.mvtec as mvtec
+    from aoi_lightning.postprocess.outputs import PredictionOutputs
+
+    run = tmp_path / "run"
+    shutil.copytree(patchcore_run, run, ignore=shutil.ignore_patterns("predictions", "logs", "eval"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    test_dir = tiny_mvtec_root / "synthetic" / "test"
+    images = sorted(test_dir.rglob("*.png"))[:5]
+    for i, path in enumerate(images):
+        shutil.copy(path, folder / f"{i}.png")
+    (folder / "broken.png").write_text("not an image")
+
+    decoded: Counter = Counter()
+    real = image_io.read_image_with_size
+
+    def counting(path):
+        decoded[Path(path).name] += 1
+        return real(path)
+
+    monkeypatch.setattr(image_io, "read_image_with_size", counting)  # read_image goes through it too
+    monkeypatch.setattr(mvtec, "read_image_with_size", counting)
+    opened: list[str] = []
+    real_open = PredictionOutputs.open
+
+    def spy_open(self, *args, **kwargs):
+        opened.append(self.jsonl_path.name)
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(PredictionOutputs, "open", spy_open)
+
+    assert aoi_cli(_predict_argv(run, "--data.predict_dir", folder)) == 0
+    out = run / "predictions"
+    records = read_jsonl(out / "preds.jsonl")
+    assert len(records) == 6 and sum("error" in r for r in records) == 1
+    assert decoded == Counter({f"{i}.png": 1 for i in range(5)} | {"broken.png": 1})  # once each, no re-read
+    for rec in records:
+        if "error" not in rec:
+            assert (out / rec["overlay_path"]).is_file() and (out / rec["mask_path"]).is_file()
+    assert opened == ["preds.jsonl"]  # one process: no rank file, no merge
+    assert sorted(p.name for p in out.glob("*.jsonl")) == ["preds.jsonl"]
+    assert read_json(out / "report.json")["num_images"] == 5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gallery_maps_hold_every_picture_the_gallery_can_show(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, size = 40, 3
+    records = [
+        {
+            "image_path": f"{i}.png",
+            "gt_label": int(rng.integers(0, 2)),
+            "split": "test" if i % 3 else "val",
+            "pred_score": float(rng.normal()),
+        }
+        for i in range(n)
+    ]
+    keeper = GalleryMaps(size)
+    for start in range(0, n, 7):  # batches, the way a test pass offers them
+        chunk = records[start : start + 7]
+        keeper.update(
+            [r["image_path"] for r in chunk],
+            [r["gt_label"] for r in chunk],
+            [r["split"] for r in chunk],
+            np.array([r["pred_score"] for r in chunk]),
+            np.stack([np.full((1, 4, 4), r["pred_score"], np.float32) for r in chunk]),
+        )
+    assert len(keeper) <= 2 * size * 2  # two labels, two splits
+    kept = keeper.maps()
+    test_records = [r for r in records if r["split"] == "test"]
+    for threshold in np.quantile([r["pred_score"] for r in records], [0.0, 0.1, 0.5, 0.9, 1.0]):
+        fps, fns, closest = pick_gallery(test_records, float(threshold), size)
+        shown = fps + fns + [closest[k] for k, items in (("false_positives", fps), ("false_negatives", fns))
+                             if not items and k in closest]  # fmt: skip
+        for rec in shown:
+            score, amap = kept[rec["image_path"]]
+            assert score == rec["pred_score"] and amap.shape == (4, 4) and amap[0, 0] == np.float32(score)
+
+
+def test_html_report_gallery_needs_no_second_forward_pass(
+    aoi_cli, tiny_fit_argv, tiny_mvtec_root: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import aoi_lightning.callbacks.report_writer as report_writer
+    import aoi_lightning.report.gallery as gallery
+
+    def no_model_rendering(*args, **kwargs):
+        raise AssertionError("the gallery ran the model again")
+
+    monkeypatch.setattr(gallery, "render_model_overlays", no_model_rendering)
+    forward_calls: list[int] = []
+    requests: list[tuple[list[str], dict]] = []
+    real_on_test_end = report_writer.HtmlReport.on_test_end
+    real_build = report_writer.build_report_data
+
+    def spy_on_test_end(self, trainer, pl_module):
+        handle = pl_module.model.register_forward_hook(lambda *a: forward_calls.append(1))
+        try:
+            real_on_test_end(self, trainer, pl_module)
+        finally:
+            handle.remove()
+
+    def spy_build(*args, **kwargs):
+        args = list(args)
+        source = args[5]
+
+        def overlays(paths):
+            result = source(paths)
+            requests.append((list(paths), result))
+            return result
+
+        args[5] = overlays
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(report_writer.HtmlReport, "on_test_end", spy_on_test_end)
+    monkeypatch.setattr(report_writer, "build_report_data", spy_build)
+    runs = tmp_path / "runs"
+    assert aoi_cli(tiny_fit_argv("aoi_lightning.models.Padim", tiny_mvtec_root, runs, "gallery")) == 0
+    run = runs / "padim" / "synthetic" / "gallery"
+    assert (run / "report.html").is_file()
+    assert forward_calls == []
+    assert len(requests) == 1
+    paths, pictures = requests[0]
+    assert paths and set(pictures) == set(paths)  # every gallery picture has the model's overlay
+    assert all(p.ndim == 3 and p.shape[2] == 3 for p in pictures.values())
