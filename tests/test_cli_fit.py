@@ -93,7 +93,7 @@ def test_thresholds_json_and_predictions_agree(fitted_run: Path) -> None:
         assert len(records) == count
         for rec in records:
             assert {"image_path", "pred_score", "gt_label", "label", "is_anomaly"} <= set(rec)
-            assert rec["is_anomaly"] is (rec["pred_score"] >= image_t)
+            assert rec["is_anomaly"] is (rec["pred_score"] > image_t)
             assert rec["label"] == ("NG" if rec["is_anomaly"] else "OK")
     assert {r["split"] for r in _jsonl(fitted_run / "preds_test.jsonl")} == {"test"}
 

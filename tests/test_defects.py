@@ -31,7 +31,7 @@ def test_exact_geometry_and_values() -> None:
     amap = np.zeros((8, 10), np.float32)
     amap[2:5, 3:7] = 2.0  # rows 2..4, cols 3..6: 12 pixels
     amap[3, 5] = 8.0
-    mask, defects = extract_defects(amap, 2.0)
+    mask, defects = extract_defects(amap, 1.5)
     (d,) = defects
     assert d["component_id"] == 1
     assert d["area"] == 12
@@ -39,16 +39,17 @@ def test_exact_geometry_and_values() -> None:
     assert d["centroid"] == pytest.approx([4.5, 3.0])
     assert d["max_anomaly_value"] == pytest.approx(8.0)
     assert d["mean_anomaly_value"] == pytest.approx((11 * 2.0 + 8.0) / 12)
-    assert np.array_equal(mask, (amap >= 2.0).astype(np.uint8))
+    assert d["source"] == "pixel_threshold"
+    assert np.array_equal(mask, (amap > 1.5).astype(np.uint8))
     # no original size: the original resolution is the model's
     assert d["bbox_original"] == d["bbox"] and d["area_original"] == 12
     assert d["centroid_original"] == pytest.approx(d["centroid"])
 
 
-def test_threshold_is_inclusive_and_scaled_by_mult() -> None:
+def test_threshold_is_strict_and_scaled_by_mult() -> None:
     amap = np.array([[1.0, 2.0, 3.0, 4.0]], np.float32)
-    assert extract_defects(amap, 2.0)[0].tolist() == [[0, 1, 1, 1]]
-    assert extract_defects(amap, 2.0, mult=1.5)[0].tolist() == [[0, 0, 1, 1]]
+    assert extract_defects(amap, 2.0)[0].tolist() == [[0, 0, 1, 1]]  # a value equal to the threshold is not a defect
+    assert extract_defects(amap, 2.0, mult=1.5)[0].tolist() == [[0, 0, 0, 1]]
     assert extract_defects(amap, 2.0, mult=0.25)[0].tolist() == [[1, 1, 1, 1]]
 
 
@@ -70,7 +71,7 @@ def test_order_is_area_then_top_then_left() -> None:
     amap[1, 6:8] = 1.0  # area 2, top right
     amap[1, 0:2] = 1.0  # area 2, top left
     amap[4, 2:5] = 1.0  # area 3
-    _, defects = extract_defects(amap, 1.0)
+    _, defects = extract_defects(amap, 0.5)
     assert [(d["area"], d["bbox"][:2]) for d in defects] == [(3, [2, 4]), (2, [0, 1]), (2, [6, 1]), (2, [6, 6])]
 
 

@@ -26,7 +26,7 @@ RECORD_KEYS = {
     "total_defect_area", "defects",
 }  # fmt: skip
 DEFECT_KEYS = {
-    "component_id", "area", "bbox", "centroid", "max_anomaly_value", "mean_anomaly_value",
+    "component_id", "source", "area", "bbox", "centroid", "max_anomaly_value", "mean_anomaly_value",
     "area_original", "bbox_original", "centroid_original",
 }  # fmt: skip
 REPORT_KEYS = {
@@ -45,9 +45,10 @@ def _record(score: float, areas: list[int], **kwargs) -> dict:
 
 
 def test_record_key_set_and_decision() -> None:
-    rec = _record(1.0, [3, 4], mask_path="masks/x.png", overlay_path="overlays/x.png")
+    rec = _record(1.5, [3, 4], mask_path="masks/x.png", overlay_path="overlays/x.png")
     assert set(rec) == RECORD_KEYS | {"mask_path", "overlay_path"}
-    assert rec["label"] == "NG" and rec["is_anomaly"] is True  # score == threshold is NG
+    assert rec["label"] == "NG" and rec["is_anomaly"] is True
+    assert _record(1.0, [])["label"] == "OK"  # score == threshold is OK (strict rule)
     assert rec["effective_pixel_threshold"] == pytest.approx(1.0)
     assert rec["num_defects"] == 2 and rec["total_defect_area"] == 7
     assert rec["image_size"] == [10, 20] and rec["model_input_size"] == [8, 8]

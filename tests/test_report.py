@@ -122,9 +122,9 @@ def test_gallery_picks_the_worst_errors_and_the_closest_calls() -> None:
     assert closest["false_positives"]["pred_score"] == 1.0 and closest["false_negatives"]["pred_score"] == 8.0
     fps, fns, _ = pick_gallery(recs, 4.5, size=1)
     assert [r["pred_score"] for r in fps] == [9.0] and [r["pred_score"] for r in fns] == [2.0]
-    # a score equal to the threshold is NG
+    # a score equal to the threshold is OK (strict rule)
     fps, fns, _ = pick_gallery(recs, 5.0, size=5)
-    assert [r["pred_score"] for r in fps] == [9.0, 5.0]
+    assert [r["pred_score"] for r in fps] == [9.0]
 
 
 # -- the page ------------------------------------------------------------------------------------------------------
@@ -165,8 +165,8 @@ def test_report_gallery_shows_the_worst_errors(padim_run: Path) -> None:
     data = build_report_data(
         "t", [("model", "padim")], metrics, records, {"image_threshold": median}, overlays, gallery_size=3
     )
-    good_ng = sum(r["gt_label"] == 0 and r["pred_score"] >= median for r in records)
-    bad_ok = sum(r["gt_label"] == 1 and r["pred_score"] < median for r in records)
+    good_ng = sum(r["gt_label"] == 0 and r["pred_score"] > median for r in records)
+    bad_ok = sum(r["gt_label"] == 1 and r["pred_score"] <= median for r in records)
     assert len(data.false_positives) == min(3, good_ng) > 0 and len(data.false_negatives) == min(3, bad_ok) > 0
     assert len(calls) == 1  # one batch of overlays for the whole gallery
     assert all(item.picture for item in data.false_positives + data.false_negatives)

@@ -48,7 +48,8 @@ def test_run_writes_one_line_per_file(aoi_cli, patchcore_run: Path, inputs: Path
         mask = cv2.imdecode(np.fromfile(str(out / rec["mask_path"]), np.uint8), cv2.IMREAD_UNCHANGED)
         assert list(mask.shape) == rec["image_size"] and set(np.unique(mask).tolist()) <= {0, 255}
         assert (out / rec["overlay_path"]).is_file()
-        assert rec["label"] == ("NG" if rec["pred_score"] >= rec["image_threshold"] else "OK")
+        assert rec["label"] == ("NG" if rec["pred_score"] > rec["image_threshold"] else "OK")
+        assert rec["is_anomaly"] == (rec["num_defects"] >= 1)
     report = read_json(out / "report.json")
     assert report["num_images"] == 4 and report["num_errors"] == 2
     assert report["num_ng"] == sum(r["is_anomaly"] for r in good) and report["num_ok"] == 4 - report["num_ng"]

@@ -36,6 +36,14 @@ def scale_bbox(bbox: list[int], size: tuple[int, int], to_size: tuple[int, int])
     ]
 
 
+#: `source` of a defect found by binarising the anomaly map at the effective pixel threshold.
+SOURCE_PIXEL_THRESHOLD = "pixel_threshold"
+#: `source` of the region located around the anomaly map's peak (see `peak_region`).
+SOURCE_PEAK = "peak"
+#: The peak region holds the pixels at or above this fraction of the way from the map's minimum to its peak.
+PEAK_FRACTION = 0.5
+
+
 def _as_map(anomaly_map: np.ndarray) -> np.ndarray:
     amap = np.asarray(anomaly_map, dtype=np.float32)
     if amap.ndim == 3 and amap.shape[0] == 1:
@@ -54,9 +62,13 @@ def extract_defects(
 ) -> tuple[np.ndarray, list[dict]]:
     """Binary defect mask and one record per defect of an anomaly map, by the pixel threshold alone.
 
-    A pixel is defective when `map >= pixel_threshold * mult`. Defects are the 8-connected components of
-    that mask with at least `min_defect_area` pixels (smaller ones are removed from the mask too), numbered
-    1..n by decreasing area, then top-to-bottom, then left-to-right.
+    A pixel is defective when `map > pixel_threshold * mult` (strict: a threshold taken from an observed
+    value never flags it). Defects are the 8-connected components of that mask with at least
+    `min_defect_area` pixels (smaller ones are removed from the mask too), numbered 1..n by decreasing area,
+    then top-to-bottom, then left-to-right. Each has `source` "pixel_threshold".
+
+    This is the location rule only; the verdict-aware postprocessing of an image (an NG image always has a
+    region, an OK image none) is `aoi_lightning.postprocess.prediction.postprocess_prediction`.
 
     Geometry in the model's resolution (H, W): `area` (pixels), `bbox` [x_min, y_min, x_max, y_max]
     (inclusive pixel indices), `centroid` [x, y] (mean pixel index). In the original image's resolution
@@ -73,7 +85,7 @@ def extract_defects(
         original_size: (h, w) of the original image.
 
     Returns:
-        mask (H, W) uint8 in {0, 1} and the list of defect dicts (plain int/float/list values).
+        mask (H, W) uint8 in {0, 1} and the list of defect dicts (plain int/float/str/list values).
 
     Raises:
         ValueError: a map that is not (H, W), or a threshold that is not a finite number.
@@ -82,12 +94,44 @@ def extract_defects(
     threshold = float(pixel_threshold) * float(mult)
     if not math.isfinite(threshold):
         raise ValueError(f"pixel threshold is not a finite number ({pixel_threshold} x {mult})")
-    binary = (amap >= threshold).astype(np.uint8)
-    return _regions(binary, amap, min_defect_area, original_size)
+    binary = (amap > threshold).astype(np.uint8)
+    return _regions(binary, amap, min_defect_area, original_size, SOURCE_PIXEL_THRESHOLD)
+
+
+def peak_region(anomaly_map: np.ndarray, original_size: tuple[int, int] | None = None) -> tuple[np.ndarray, list[dict]]:
+    """The region around the anomaly map's peak, as a mask and one defect with `source` "peak".
+
+    Rule (independent of any data set and of the thresholds): the peak is the map's maximum (the first one in
+    row-major order on ties); the region is the 8-connected component containing the peak of the pixels with
+    `map >= min + PEAK_FRACTION * (peak - min)`, i.e. the half-maximum region of the peak above the image's
+    own map minimum (the full-width-at-half-maximum idea, in two dimensions). It always holds the peak pixel;
+    a constant map gives the whole image. Non-finite values: NaN counts as the minimum, +inf as the peak.
+
+    Args:
+        anomaly_map: (H, W) or (1, H, W) float anomaly map.
+        original_size: (h, w) of the original image (geometry as in `extract_defects`).
+
+    Returns:
+        mask (H, W) uint8 in {0, 1} and a list with the one defect dict.
+    """
+    amap = _as_map(anomaly_map)
+    values = np.nan_to_num(amap.astype(np.float64), nan=-np.inf)
+    finite = values[np.isfinite(values)]
+    peak_index = np.unravel_index(int(np.argmax(values)), values.shape)
+    peak = float(values[peak_index])
+    low = float(finite.min()) if finite.size else peak
+    if math.isinf(peak) and peak > 0:
+        above = values == np.inf
+    else:
+        level = low + PEAK_FRACTION * (peak - low) if math.isfinite(peak) else -np.inf
+        above = values >= level
+    n, labels = cv2.connectedComponents(above.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    binary = (labels == labels[peak_index]).astype(np.uint8)
+    return _regions(binary, amap, 0, original_size, SOURCE_PEAK)
 
 
 def _regions(
-    binary: np.ndarray, amap: np.ndarray, min_defect_area: int, original_size: tuple[int, int] | None
+    binary: np.ndarray, amap: np.ndarray, min_defect_area: int, original_size: tuple[int, int] | None, source: str
 ) -> tuple[np.ndarray, list[dict]]:
     """8-connected components of `binary` (at least `min_defect_area` pixels) as (mask, defect dicts)."""
     height, width = amap.shape
@@ -119,6 +163,7 @@ def _regions(
         defects.append(
             {
                 "component_id": cid,
+                "source": source,
                 "area": area,
                 "bbox": bbox,
                 "centroid": [cx, cy],

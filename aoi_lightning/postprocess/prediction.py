@@ -5,8 +5,16 @@ Every path that turns a model output into an answer goes through `postprocess_pr
 and ONNX), the PredictionWriter of `aoi predict`, the HTML report's gallery and the overlays of `aoi compare`.
 numpy and OpenCV only (the ONNX path imports this without torch).
 
-The verdict is NG iff `pred_score >= image_threshold`; the defects are the 8-connected components of
-`map >= pixel threshold x pixel_threshold_mult` with at least `min_defect_area` pixels.
+Verdict and location agree (one coherent answer per image):
+
+- NG iff `pred_score > image_threshold` (strict).
+- NG image: its defects are the 8-connected components of `map > effective pixel threshold` (pixel threshold x
+  `pixel_threshold_mult`) with at least `min_defect_area` pixels, each with `source` "pixel_threshold". When
+  none is left (no pixel passes the pixel threshold, or `min_defect_area` removed every component) the image
+  carries exactly one region with `source` "peak", whatever its area: the 8-connected region containing the
+  map's maximum of the pixels with `map >= min + 0.5 * (peak - min)` (min and peak of this image's own map;
+  the half-maximum region of the peak, `defects.peak_region`). An NG image is never without a located region.
+- OK image: no defect, an empty mask and no box or outline in its overlay, whatever its map looks like.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aoi_lightning.postprocess.defects import extract_defects
+from aoi_lightning.postprocess.defects import extract_defects, peak_region
 from aoi_lightning.postprocess.records import is_ng, prediction_record
 from aoi_lightning.postprocess.render import render_overlay
 
@@ -25,6 +33,7 @@ __all__ = [
     "OutputOptions",
     "Prediction",
     "is_ng",
+    "locate_defects",
     "module_facts",
     "postprocess_prediction",
 ]
@@ -39,7 +48,7 @@ class OutputOptions:
 
     Attributes:
         pixel_threshold_mult: multiplier of the pixel threshold (sensitivity of the defect masks).
-        min_defect_area: smallest defect kept, in model pixels.
+        min_defect_area: smallest defect kept, in model pixels (never empties an NG image: see the module doc).
         save_masks: write `masks/<name>.png` (0/255 at the original size).
         save_overlays: write `overlays/<name>.png` (heat map, outlines, verdict at the original size).
     """
@@ -147,6 +156,33 @@ class Prediction:
         return self.record["defects"]
 
 
+def locate_defects(
+    anomaly_map: np.ndarray,
+    is_anomaly: bool,
+    effective_pixel_threshold: float,
+    min_defect_area: int = 0,
+    original_size: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, list[dict]]:
+    """The defects of an image given its verdict (the rule of the module doc).
+
+    Args:
+        anomaly_map: (H, W) float anomaly map at the model's resolution.
+        is_anomaly: the image verdict (`is_ng`).
+        effective_pixel_threshold: pixel threshold x multiplier.
+        min_defect_area: smallest pixel-threshold component kept, in model pixels.
+        original_size: (h, w) of the original image.
+
+    Returns:
+        (H, W) uint8 mask and the defect dicts: empty for OK; at least one for NG.
+    """
+    mask, defects = extract_defects(anomaly_map, effective_pixel_threshold, 1.0, min_defect_area, original_size)
+    if not is_anomaly:
+        return np.zeros_like(mask), []
+    if not defects:
+        mask, defects = peak_region(anomaly_map, original_size)
+    return mask, defects
+
+
 def postprocess_prediction(
     image_path: str,
     pred_score: float,
@@ -158,6 +194,12 @@ def postprocess_prediction(
     image_rgb: np.ndarray | None = None,
 ) -> Prediction:
     """Verdict, defects, record, mask and overlay of one prediction.
+
+    NG iff `pred_score > image_threshold`. An NG image gets the pixel-threshold components (`map > pixel
+    threshold x pixel_threshold_mult`, at least `min_defect_area` pixels, `source` "pixel_threshold"), or, when
+    there are none, the one region around the map's peak (`source` "peak": the 8-connected region holding the
+    maximum of the pixels with `map >= min + 0.5 * (peak - min)`). An OK image gets no defect and an empty
+    mask, and its overlay has no outline or box.
 
     Args:
         image_path: input file (stored in the record).
@@ -176,8 +218,9 @@ def postprocess_prediction(
     amap = np.asarray(anomaly_map, dtype=np.float32)
     amap = amap.reshape(amap.shape[-2:])
     score = float(pred_score)
+    verdict = is_ng(score, facts.image_threshold)
     effective = facts.effective_pixel_threshold(options)
-    mask, defects = extract_defects(amap, effective, 1.0, options.min_defect_area, original_size)
+    mask, defects = locate_defects(amap, verdict, effective, options.min_defect_area, original_size)
     record = prediction_record(
         image_path=image_path,
         model=facts.model,

@@ -30,8 +30,9 @@ THRESHOLD_KEYS = ("image_threshold", "pixel_threshold", "quantile_image", "quant
 
 
 def is_ng(pred_score: float, image_threshold: float) -> bool:
-    """The image verdict: NG iff `pred_score >= image_threshold`."""
-    return bool(float(pred_score) >= float(image_threshold))
+    """The image verdict: NG iff `pred_score > image_threshold` (strict; a threshold taken from an observed good
+    score never rejects that image)."""
+    return bool(float(pred_score) > float(image_threshold))
 
 
 def prediction_record(
@@ -52,8 +53,8 @@ def prediction_record(
     """One `preds.jsonl` line of a predicted image.
 
     `image_size` is the original (h, w); `total_defect_area` and each defect's `area` are in model pixels
-    (the `*_original` keys of a defect give the original resolution). NG when `pred_score >= image_threshold`
-    (`is_ng`).
+    (the `*_original` keys of a defect give the original resolution). NG when `pred_score > image_threshold`
+    (`is_ng`). The defects must follow the verdict (`postprocess.prediction.postprocess_prediction` builds them).
     """
     score = float(pred_score)
     is_anomaly = is_ng(score, image_threshold)

@@ -8,13 +8,14 @@ import cv2
 import numpy as np
 
 from aoi_lightning.fileio import write_bytes_atomic
-from aoi_lightning.postprocess.defects import scale_bbox
+from aoi_lightning.postprocess.defects import SOURCE_PEAK, scale_bbox
 from aoi_lightning.postprocess.records import is_ng
 
 OK_COLOR = (0, 200, 0)  # BGR
 NG_COLOR = (0, 0, 255)
 CONTOUR_COLOR = (255, 255, 255)
-BOX_COLOR = (255, 0, 255)
+BOX_COLOR = (255, 0, 255)  # magenta: a defect found by the pixel threshold
+PEAK_BOX_COLOR = (0, 165, 255)  # orange: the region around the map's peak of an NG image
 HEAT_ALPHA = 0.45
 
 
@@ -72,13 +73,15 @@ def render_overlay(
         anomaly_map: (H, W) anomaly map at the model's resolution.
         mask: (H, W) binary defect mask at the model's resolution.
         defects: defect dicts of the postprocessing (their model-resolution `bbox` boxes are drawn, mapped onto
-            the picture; the same boxes as `bbox_original` when the picture has the original size).
-        pred_score: image score; NG when `pred_score >= image_threshold`.
+            the picture; the same boxes as `bbox_original` when the picture has the original size); an OK
+            image has none.
+        pred_score: image score; NG when `pred_score > image_threshold`.
         image_threshold: image threshold.
         pixel_threshold: effective pixel threshold (colour scale, see `heat_colors`).
 
     Returns:
-        (h, w, 3) BGR uint8: heat map blended on the image, white defect outlines, magenta boxes, and
+        (h, w, 3) BGR uint8: heat map blended on the image, white defect outlines, magenta boxes (orange for a
+        region found around the map's peak, `source` "peak"), and
         "OK"/"NG" with the score and threshold in green/red at the top left.
     """
     h, w = image_rgb.shape[:2]
@@ -93,7 +96,8 @@ def render_overlay(
     grid = np.asarray(anomaly_map).shape[-2:]
     for d in defects:
         x0, y0, x1, y1 = scale_bbox(d["bbox"], grid, (h, w))
-        cv2.rectangle(out, (int(x0), int(y0)), (int(x1), int(y1)), BOX_COLOR, line)
+        color = PEAK_BOX_COLOR if d.get("source") == SOURCE_PEAK else BOX_COLOR
+        cv2.rectangle(out, (int(x0), int(y0)), (int(x1), int(y1)), color, line)
 
     ng = is_ng(pred_score, image_threshold)
     text = f"{'NG' if ng else 'OK'}  score {pred_score:.4g} / thr {image_threshold:.4g}"
