@@ -23,7 +23,7 @@ def test_prediction_writer_decodes_each_image_once_and_writes_no_rank_file(
     aoi_cli, patchcore_run: Path, tiny_mvtec_root: Path, tmp_path: Path, monkeypatch
 ) -> None:
     import aoi_lightning.data.image_io as image_io
-    import aoi_lightning.data.mvtec as mvtec
+    import aoi_lightning.data.preprocess as preprocess
     from aoi_lightning.postprocess.outputs import PredictionOutputs
 
     run = tmp_path / "run"
@@ -44,7 +44,7 @@ def test_prediction_writer_decodes_each_image_once_and_writes_no_rank_file(
         return real(path)
 
     monkeypatch.setattr(image_io, "read_image_with_size", counting)  # read_image goes through it too
-    monkeypatch.setattr(mvtec, "read_image_with_size", counting)
+    monkeypatch.setattr(preprocess, "read_image_with_size", counting)  # the dataset's decoding
     opened: list[str] = []
     real_open = PredictionOutputs.open
 
