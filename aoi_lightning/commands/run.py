@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--backend",
-        choices=("torch", "onnx"),
+        choices=("torch", "onnx", "openvino"),
         default="torch",
         help="torch: weights/model.ckpt; onnx: export/model.onnx with ONNX Runtime only (no torch needed)",
     )

@@ -23,7 +23,7 @@ def watch(
     model_dir: str,
     input_dir: str,
     output_dir: str,
-    backend: Literal["torch", "onnx"] = "torch",
+    backend: Literal["torch", "onnx", "openvino"] = "torch",
     done_dir: str | None = None,
     error_dir: str | None = None,
     polling: bool = False,
@@ -52,7 +52,8 @@ def watch(
             export_meta.json).
         input_dir: the watched folder.
         output_dir: folder for the results (created; an earlier watcher's results are continued).
-        backend: torch: weights/model.ckpt; onnx: export/model.onnx with ONNX Runtime only (no torch needed).
+        backend: torch: weights/model.ckpt; onnx: export/model.onnx with ONNX Runtime; openvino: export/model.onnx
+            with the OpenVINO runtime (the last two need no torch).
         done_dir: move each processed image here (a free name such as part-1.png when the name is taken).
         error_dir: move unreadable files here (default DONE_DIR/errors; without either they stay).
         polling: poll the folder instead of waiting for file system events; use it on network shares.

@@ -142,15 +142,23 @@ def run_folder(
     return report
 
 
+#: Inference back ends of `aoi run`, `aoi serve` and `aoi watch`.
+BACKENDS = ("torch", "onnx", "openvino")
+
+
 def load_predictor(backend: str, model_dir: str | Path, device: str = "auto") -> Predictor:
-    """The model of a run directory behind `backend` (`torch`: weights/model.ckpt; `onnx`: export/model.onnx
-    with ONNX Runtime, never importing torch)."""
+    """The model of a run directory behind `backend`: `torch` (weights/model.ckpt), `onnx` (export/model.onnx in
+    ONNX Runtime) or `openvino` (export/model.onnx in the OpenVINO runtime); the last two never import torch."""
     if backend == "onnx":
         from aoi_lightning.inference.onnx_backend import OnnxPredictor
 
         return OnnxPredictor.from_run(model_dir, device)
+    if backend == "openvino":
+        from aoi_lightning.inference.openvino_backend import OpenVinoPredictor
+
+        return OpenVinoPredictor.from_run(model_dir, device)
     if backend != "torch":
-        raise ValueError(f"--backend: {backend!r} is not one of torch, onnx")
+        raise ValueError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     from aoi_lightning.inference.torch_backend import TorchPredictor, resolve_device
 
     return TorchPredictor.from_run(model_dir, resolve_device(device))

@@ -6,6 +6,7 @@ A run directory (or a copy of just its `export/` folder) is enough for the line 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,67 @@ def export_preprocessing(meta: dict) -> Preprocessing:
     return Preprocessing.from_image_size(size, norm.get("mean"), norm.get("std"))
 
 
+@dataclass(frozen=True)
+class ExportedModel:
+    """An ONNX export checked against its metadata and the run's thresholds.json, ready for a runtime."""
+
+    onnx_path: Path
+    meta_path: Path
+    meta: dict
+    preprocessing: Preprocessing
+    facts: ModelFacts
+    run_id: str
+
+    def check_input_shape(self, shape) -> None:
+        """Refuse a graph whose (B, 3, H, W) input is not the recorded image size."""
+        size = list(self.preprocessing.image_size)
+        if len(shape) != 4 or [shape[2], shape[3]] != size:
+            raise OnnxRunError(
+                f"{self.onnx_path} takes input {list(shape)}, but {self.meta_path} says image_size {size}"
+            )
+
+
+def read_export(model_dir: str | Path) -> ExportedModel:
+    """Read `<run>/export/` (or a folder holding model.onnx and export_meta.json): paths, preprocessing, facts.
+
+    Raises:
+        OnnxRunError: missing export or metadata, invalid metadata, no thresholds, or thresholds that differ from
+            the run's thresholds.json (a stale export).
+    """
+    model_dir = Path(model_dir).expanduser()
+    if not model_dir.is_dir():
+        raise OnnxRunError(f"--model_dir: folder not found: {model_dir}")
+    folder = _export_dir(model_dir)
+    onnx_path, meta_path = folder / ONNX_FILE, folder / META_FILE
+    if not onnx_path.is_file():
+        raise OnnxRunError(f"no ONNX export in {model_dir}: create it with `aoi export --run_dir {model_dir}`")
+    if not meta_path.is_file():
+        raise OnnxRunError(f"{meta_path} is missing: re-export with `aoi export --run_dir {model_dir}`")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        preprocessing = export_preprocessing(meta)
+        thresholds = meta.get("thresholds") or {}
+        image_t, pixel_t = float(thresholds["image_threshold"]), float(thresholds["pixel_threshold"])
+    except PreprocessingError as exc:
+        raise OnnxRunError(f"{meta_path}: {exc}") from exc
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise OnnxRunError(f"{meta_path} is not a valid export_meta.json ({type(exc).__name__}: {exc})") from exc
+    # an export whose thresholds differ from the run's thresholds.json is stale (the run was refit or the
+    # file edited after `aoi export`)
+    check_thresholds_file(
+        model_dir / THRESHOLDS_FILE,
+        {"image_threshold": image_t, "pixel_threshold": pixel_t},
+        "differs from the export's",
+        f"the export is stale or the file was edited; re-export with `aoi export --run_dir {model_dir}`",
+        OnnxRunError,
+        meta_path,
+    )
+    facts = ModelFacts.from_thresholds(
+        meta.get("model", ""), meta.get("category", ""), preprocessing.image_size, image_t, pixel_t, thresholds
+    )
+    return ExportedModel(onnx_path, meta_path, meta, preprocessing, facts, str(meta.get("run_id", model_dir.name)))
+
+
 class OnnxPredictor:
     """The `Predictor` of the AOI runner over ONNX Runtime."""
 
@@ -64,42 +126,14 @@ class OnnxPredictor:
 
     @classmethod
     def from_run(cls, model_dir: str | Path, device: str = "cpu", threads: int = 0) -> OnnxPredictor:
-        """Open `<run>/export/model.onnx` (or a folder holding model.onnx and export_meta.json).
+        """Open `<run>/export/model.onnx` (or a folder holding model.onnx and export_meta.json) in ONNX Runtime.
 
         Raises:
             OnnxRunError: missing export or metadata, an input size that differs from the metadata, no thresholds.
         """
         import onnxruntime as ort
 
-        model_dir = Path(model_dir).expanduser()
-        if not model_dir.is_dir():
-            raise OnnxRunError(f"--model_dir: folder not found: {model_dir}")
-        folder = _export_dir(model_dir)
-        onnx_path, meta_path = folder / ONNX_FILE, folder / META_FILE
-        if not onnx_path.is_file():
-            raise OnnxRunError(f"no ONNX export in {model_dir}: create it with `aoi export --run_dir {model_dir}`")
-        if not meta_path.is_file():
-            raise OnnxRunError(f"{meta_path} is missing: re-export with `aoi export --run_dir {model_dir}`")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            preprocessing = export_preprocessing(meta)
-            thresholds = meta.get("thresholds") or {}
-            image_t, pixel_t = float(thresholds["image_threshold"]), float(thresholds["pixel_threshold"])
-        except PreprocessingError as exc:
-            raise OnnxRunError(f"{meta_path}: {exc}") from exc
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
-            raise OnnxRunError(f"{meta_path} is not a valid export_meta.json ({type(exc).__name__}: {exc})") from exc
-        size = preprocessing.image_size
-        # an export whose thresholds differ from the run's thresholds.json is stale (the run was refit or the
-        # file edited after `aoi export`)
-        check_thresholds_file(
-            model_dir / THRESHOLDS_FILE,
-            {"image_threshold": image_t, "pixel_threshold": pixel_t},
-            "differs from the export's",
-            f"the export is stale or the file was edited; re-export with `aoi export --run_dir {model_dir}`",
-            OnnxRunError,
-            meta_path,
-        )
+        export = read_export(model_dir)
         options = ort.SessionOptions()
         if threads > 0:
             options.intra_op_num_threads = threads
@@ -109,16 +143,11 @@ class OnnxPredictor:
         elif device == "cuda":
             raise OnnxRunError("--device cuda: onnxruntime has no CUDA provider here (use --device cpu)")
         try:
-            session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+            session = ort.InferenceSession(str(export.onnx_path), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise OnnxRunError(f"cannot load {onnx_path}: {str(exc).splitlines()[0]}") from exc
-        shape = session.get_inputs()[0].shape
-        if len(shape) != 4 or [shape[2], shape[3]] != list(size):
-            raise OnnxRunError(f"{onnx_path} takes input {shape}, but {meta_path} says image_size {list(size)}")
-        facts = ModelFacts.from_thresholds(
-            meta.get("model", ""), meta.get("category", ""), size, image_t, pixel_t, thresholds
-        )
-        return cls(session, facts, str(meta.get("run_id", model_dir.name)), preprocessing)
+            raise OnnxRunError(f"cannot load {export.onnx_path}: {str(exc).splitlines()[0]}") from exc
+        export.check_input_shape(session.get_inputs()[0].shape)
+        return cls(session, export.facts, export.run_id, export.preprocessing)
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images (B, 3, H, W) float32 in [0, 1] -> scores (B,) and maps (B, H, W)."""
