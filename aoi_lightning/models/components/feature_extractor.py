@@ -76,7 +76,8 @@ class FeatureExtractor(nn.Module):
     Args:
         backbone: timm model name, e.g. `tf_efficientnet_lite0`, `resnet18`, `wide_resnet50_2`.
         layers: module names from `feature_info`, e.g. `("blocks.1", "blocks.2", "blocks.4")`.
-        weights: `package` (pip-installed EfficientNet-Lite0/1/2 weights, see `weights.PACKAGE_WEIGHTS`), `imagenet` (timm download/cache),
+        weights: `package` (pip-installed EfficientNet-Lite0/1/2 weights, see `weights.PACKAGE_WEIGHTS`),
+            `imagenet` (timm download/cache),
             a local file path, or `none` (random weights; tests only).
     """
 

@@ -166,7 +166,9 @@ def rename_efficientnet_pytorch_keys(
         if match:
             flat, module, rest = int(match.group(1)), match.group(2), match.group(3)
             if flat >= len(flat_to_stage):
-                raise WeightsError(f"unexpected block index {flat} in EfficientNet-Lite weights ({len(flat_to_stage)} blocks)")
+                raise WeightsError(
+                    f"unexpected block index {flat} in EfficientNet-Lite weights ({len(flat_to_stage)} blocks)"
+                )
             stage, index = flat_to_stage[flat]
             renames = _BLOCK0_RENAMES if flat == 0 else _BLOCK_RENAMES
             if module not in renames:
