@@ -40,10 +40,10 @@ def test_parse_image_size(value, expected) -> None:
         ([100, 320], "height 100 must be a multiple of 16 and >= 32 \\(e.g. 96\\)"),
         ([96, 330], "width 330 must be a multiple of 16"),
         (16, "height 16 must be a multiple of 16 and >= 32"),
-        ([0, 64], "height 0"),
+        ([0, 64], "positive integers"),
         ([96], "an integer or \\[h, w\\]"),
         ([96, 96, 96], "an integer or \\[h, w\\]"),
-        ([96.0, 320], "integers"),
+        ([96.5, 320], "positive integers"),
         (True, "an integer or \\[h, w\\]"),
     ],
 )

@@ -17,7 +17,7 @@ from aoi_lightning.data.mvtec import (
     list_images,
     scan_mvtec,
 )
-from aoi_lightning.data.preprocess import Preprocessing
+from aoi_lightning.data.preprocess import Preprocessing, PreprocessingError, image_size_hw
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +35,13 @@ def parse_image_size(image_size: int | tuple[int, int] | list[int]) -> tuple[int
     the parts. Each side must be a multiple of 16 and at least 32.
 
     Raises:
-        DataError: not one or two integers, or a side that is too small or not a multiple of 16.
+        DataError: not one or two positive integers (`preprocess.image_size_hw`), or a side that is too small or
+            not a multiple of 16.
     """
-    if isinstance(image_size, bool):
-        raise DataError(f"data.image_size must be an integer or [h, w], got {image_size!r}")
-    if isinstance(image_size, int):
-        sides = (image_size, image_size)
-    elif isinstance(image_size, (tuple, list)) and len(image_size) == 2:
-        sides = tuple(image_size)
-    else:
-        raise DataError(f"data.image_size must be an integer or [h, w], got {image_size!r}")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in sides):
-        raise DataError(f"data.image_size must hold integers, got {list(sides)}")
+    try:
+        sides = image_size_hw(image_size)
+    except PreprocessingError as exc:
+        raise DataError(f"data.{exc}") from exc
     for name, side in zip(("height", "width"), sides):
         if side < MIN_SIDE or side % SIZE_MULTIPLE:
             near = max(MIN_SIDE, SIZE_MULTIPLE * round(side / SIZE_MULTIPLE))
