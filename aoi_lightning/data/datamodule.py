@@ -18,9 +18,39 @@ from aoi_lightning.data.mvtec import (
     list_images,
     scan_mvtec,
 )
-from aoi_lightning.data.preprocess import Preprocessing
+from aoi_lightning.data.preprocess import Preprocessing, PreprocessingError, image_size_hw
 
 log = logging.getLogger(__name__)
+
+#: Every side of the working size is a multiple of this: the stride-4, 8 and 16 feature grids of the default
+#: layers then tile the image exactly (PaDiM's statistics at (h/4) x (w/4), PatchCore's patches at (h/8) x (w/8)).
+SIZE_MULTIPLE = 16
+#: Smallest side: the stride-16 feature map keeps at least two positions.
+MIN_SIDE = 32
+
+
+def parse_image_size(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """The working size (h, w) of `data.image_size`: an integer is a square, `[h, w]` a rectangle.
+
+    Images of any size are stretched to (h, w) (no padding, no crop): choose (h, w) with the aspect ratio of
+    the parts. Each side must be a multiple of 16 and at least 32.
+
+    Raises:
+        DataError: not one or two positive integers (`preprocess.image_size_hw`), or a side that is too small or
+            not a multiple of 16.
+    """
+    try:
+        sides = image_size_hw(image_size)
+    except PreprocessingError as exc:
+        raise DataError(f"data.{exc}") from exc
+    for name, side in zip(("height", "width"), sides):
+        if side < MIN_SIDE or side % SIZE_MULTIPLE:
+            near = max(MIN_SIDE, SIZE_MULTIPLE * round(side / SIZE_MULTIPLE))
+            raise DataError(
+                f"data.image_size {name} {side} must be a multiple of {SIZE_MULTIPLE} and >= {MIN_SIDE} "
+                f"(e.g. {near}), got {list(sides)}"
+            )
+    return int(sides[0]), int(sides[1])
 
 
 class MVTecDataModule(pl.LightningDataModule):
@@ -30,7 +60,9 @@ class MVTecDataModule(pl.LightningDataModule):
         root: data root; None uses the built-in synthetic inspection set (generated on demand into the cache,
             `$AOI_CACHE_DIR` or `~/.cache/aoi_lightning`).
         category: category folder under root.
-        image_size: model input size (square).
+        image_size: working size of the models: an integer (square) or `[h, w]`; each side a multiple of 16,
+            >= 32. Every image is stretched to (h, w) in training and inference alike; pick (h, w) with the aspect
+            ratio of the parts (e.g. `[96, 320]` for strips photographed at about 1:3.3).
         mask_suffix: suffix of mask file stems.
         val_split: `test_half` (seeded half of each test defect type; test metrics on the other half),
             `same_as_test` (validation = test; optimistic), `calibration` (held-out good training images;
@@ -48,7 +80,7 @@ class MVTecDataModule(pl.LightningDataModule):
         self,
         root: str | None = None,
         category: str = "synthetic",
-        image_size: int = 256,
+        image_size: int | tuple[int, int] = 256,
         mask_suffix: str = "_mask",
         val_split: str = "test_half",
         val_fraction: float = 0.5,
@@ -62,11 +94,9 @@ class MVTecDataModule(pl.LightningDataModule):
         super().__init__()
         if val_split not in SPLIT_POLICIES:
             raise DataError(f"data.val_split: {val_split!r} is not one of {', '.join(SPLIT_POLICIES)}")
-        if image_size < 32:
-            raise DataError(f"data.image_size must be >= 32, got {image_size}")
         self.root = root
         self.category = category
-        self.image_size = (int(image_size), int(image_size))
+        self.image_size = parse_image_size(image_size)
         self.mask_suffix = mask_suffix
         self.val_split = val_split
         self.val_fraction = val_fraction

@@ -10,11 +10,10 @@ from torch import nn
 
 from aoi_lightning.models.components.weights import (
     IMAGENET_MEAN_STD,
-    LITE0_BACKBONE,
-    LITE0_MEAN_STD,
+    LITE_MEAN_STD,
     WeightsError,
     imagenet_hint,
-    load_lite0_package_state_dict,
+    load_package_state_dict,
     load_user_state_dict,
 )
 
@@ -64,7 +63,7 @@ def resolve_layer_indices(backbone: str, layers: Sequence[str]) -> list[int]:
 def default_mean_std(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Normalisation the backbone was trained with (timm's pretrained config)."""
     if backbone.startswith("tf_efficientnet_lite"):
-        return LITE0_MEAN_STD
+        return LITE_MEAN_STD
     cfg = timm.get_pretrained_cfg(backbone)
     if cfg is not None and getattr(cfg, "mean", None):
         return tuple(cfg.mean), tuple(cfg.std)
@@ -77,7 +76,8 @@ class FeatureExtractor(nn.Module):
     Args:
         backbone: timm model name, e.g. `tf_efficientnet_lite0`, `resnet18`, `wide_resnet50_2`.
         layers: module names from `feature_info`, e.g. `("blocks.1", "blocks.2", "blocks.4")`.
-        weights: `package` (pip-installed EfficientNet-Lite0), `imagenet` (timm download/cache),
+        weights: `package` (pip-installed EfficientNet-Lite0/1/2 weights, see `weights.PACKAGE_WEIGHTS`),
+            `imagenet` (timm download/cache),
             a local file path, or `none` (random weights; tests only).
     """
 
@@ -111,12 +111,7 @@ class FeatureExtractor(nn.Module):
         if weights == "none":
             return model
         if weights == "package":
-            if backbone != LITE0_BACKBONE:
-                raise WeightsError(
-                    f"weights 'package' provides {LITE0_BACKBONE} only, not {backbone!r}; "
-                    "use a local weights file or weights: imagenet"
-                )
-            state = load_lite0_package_state_dict()
+            state = load_package_state_dict(backbone)
         else:
             state = load_user_state_dict(weights)
         _load_subset(model, state, source=weights)
