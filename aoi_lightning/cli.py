@@ -24,6 +24,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "check-data": ("aoi_lightning.commands.check_data", "data set check and preview.png"),
     "report": ("aoi_lightning.commands.report", "(re)write the run's HTML report"),
     "watch": ("aoi_lightning.commands.watch", "hot folder: each new image judged once complete, outputs as `aoi run`"),
+    "serve": ("aoi_lightning.commands.serve", "HTTP inspection service: POST /predict, health, metrics, audit log"),
 }
 
 

@@ -1,0 +1,295 @@
+"""The LitAPI of `aoi serve`: request payload -> decoded image -> dynamic batch -> `Predictor.predict` -> the
+record `aoi run` writes for that image, plus the request id.
+
+Runs in LitServe's model-worker processes. Decoding uses `inference.folder.load_image` (the decoding and resizing
+of `aoi run`); the record comes from `postprocess.extract_defects` and `postprocess.records.prediction_record`,
+as in `PredictionOutputs.write`. torch is imported only by the torch back end.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import litserve as ls
+import numpy as np
+
+from aoi_lightning.fileio import dumps, write_json
+from aoi_lightning.inference.folder import LoadedImage, load_image, load_predictor
+from aoi_lightning.postprocess.defects import extract_defects
+from aoi_lightning.postprocess.records import prediction_record
+from aoi_lightning.postprocess.render import render_overlay
+from aoi_lightning.serve.audit import AuditLog
+from aoi_lightning.serve.metrics import metrics
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "info.json"
+
+
+def json_response(body: dict, status: int = 200, request_id: str | None = None, headers: dict | None = None):
+    """A JSON answer written like `preds.jsonl` (`fileio.dumps`: NaN/inf -> null), with `X-Request-ID`."""
+    from starlette.responses import Response
+
+    extra = dict(headers or {})
+    if request_id:
+        extra["X-Request-ID"] = request_id
+    return Response(dumps(body), status_code=status, headers=extra, media_type="application/json")
+
+
+def error_body(status: int, kind: str, message: str, request_id: str | None = None, headers: dict | None = None):
+    """The one-line JSON error answer of the service: `{"error": message, "kind": kind, "request_id": id}`."""
+    text = str(message).strip()
+    body = {"error": text.splitlines()[0] if text else kind, "kind": kind}
+    if request_id:
+        body["request_id"] = request_id
+    return json_response(body, status, request_id, headers)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _versions(backend: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    names = ["aoi-lightning", "litserve", "numpy", "opencv-python-headless"]
+    names += ["onnxruntime"] if backend == "onnx" else ["torch", "lightning"]
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    out["torch_imported"] = "torch" in sys.modules
+    return out
+
+
+def png_base64(image: np.ndarray) -> str:
+    """(H, W) or (H, W, 3) BGR uint8 -> base64 of its PNG encoding."""
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError("cannot encode PNG")
+    return base64.b64encode(data.tobytes()).decode("ascii")
+
+
+@dataclass
+class Job:
+    """One request inside the worker: the gate's payload, the decoded image, the prediction."""
+
+    request_id: str
+    filename: str
+    options: dict
+    data: bytes
+    loaded: LoadedImage | None = None
+    score: float | None = None
+    anomaly_map: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class InspectionAPI(ls.LitAPI):
+    """LitAPI over a trained run (`torch`: weights/model.ckpt; `onnx`: export/model.onnx).
+
+    Args:
+        model_dir: run directory (or, for `onnx`, a folder holding model.onnx and export_meta.json).
+        backend: `torch` or `onnx`.
+        device: `cpu`, `cuda` or `auto` (as `aoi run --device`).
+        state_dir: folder of the service's state (`info.json` written once the model is warmed up).
+        audit_dir: folder of the audit log (`audit.AuditLog`).
+        audit_keep_days: daily audit files kept.
+        audit_fsync: fsync each audit line.
+        save_ng_images: keep the uploaded bytes of NG images in the audit folder.
+        max_batch_size: largest batch of the dynamic batcher.
+        batch_timeout: seconds the batcher waits to fill a batch.
+        decode_threads: threads decoding the images of a batch (0: one per CPU, at most `max_batch_size`).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        backend: str,
+        device: str,
+        state_dir: str,
+        audit_dir: str,
+        audit_keep_days: int = 30,
+        audit_fsync: bool = False,
+        save_ng_images: bool = False,
+        max_batch_size: int = 8,
+        batch_timeout: float = 0.01,
+        decode_threads: int = 0,
+    ) -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+        self.model_dir = str(model_dir)
+        self.backend = backend
+        self.predictor_device = device
+        self.state_dir = str(state_dir)
+        self.audit_args = (str(audit_dir), audit_keep_days, audit_fsync, save_ng_images)
+        self.decode_threads = decode_threads
+
+    # ---- worker start -----------------------------------------------------------------------------------
+    def setup(self, device) -> None:
+        self.predictor = load_predictor(self.backend, self.model_dir, self.predictor_device)
+        self.facts = self.predictor.facts
+        h, w = self.facts.input_size
+        for n in sorted({1, self.max_batch_size}):  # warm-up: first-call allocations and kernel choices
+            self.predictor.predict(np.zeros((n, 3, h, w), np.float32))
+        self.audit = AuditLog(*self.audit_args)
+        self.tmp = tempfile.mkdtemp(prefix="aoi-serve-")
+        threads = self.decode_threads or min(self.max_batch_size, os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads)) if threads > 1 else None
+        self.metrics = metrics()
+        self.identity = self.model_identity()
+        write_json(Path(self.state_dir) / INFO_FILE, self.info())
+
+    def model_identity(self) -> dict:
+        """Model, category, run id, back end and the sha256 of the file the model was loaded from."""
+        model_dir = Path(self.model_dir).expanduser()
+        if self.backend == "onnx":
+            from aoi_lightning.inference.onnx_backend import EXPORT_DIR, ONNX_FILE
+
+            file = model_dir / ONNX_FILE if (model_dir / ONNX_FILE).is_file() else model_dir / EXPORT_DIR / ONNX_FILE
+        else:
+            from aoi_lightning.rundir.layout import RunDir
+
+            file = RunDir(model_dir).checkpoint
+        return {
+            "model": self.facts.model,
+            "category": self.facts.category,
+            "run_id": self.predictor.run_id,
+            "backend": self.backend,
+            "model_file": file.name,
+            "sha256": _sha256(file),
+        }
+
+    def info(self) -> dict:
+        """What `GET /info` answers."""
+        return {
+            **self.identity,
+            "model_dir": str(Path(self.model_dir).expanduser().resolve()),
+            "thresholds": self.facts.report_thresholds(),
+            "input_size": list(self.facts.input_size),
+            "max_batch_size": self.max_batch_size,
+            "versions": _versions(self.backend),
+        }
+
+    # ---- per request and per batch ------------------------------------------------------------------------
+    def decode_request(self, request: dict) -> Job:
+        """The gate's JSON payload -> a Job (decoding happens for the whole batch in `batch`)."""
+        return Job(
+            request_id=str(request["request_id"]),
+            filename=str(request.get("filename") or "upload"),
+            options=dict(request.get("options") or {}),
+            data=base64.b64decode(request["image_b64"]),
+        )
+
+    def _decode(self, job: Job) -> Job:
+        path = Path(self.tmp) / f"{job.request_id}.img"  # the server's id, never a name from the request
+        try:
+            path.write_bytes(job.data)
+            job.loaded = load_image(path, self.facts.input_size, keep_original=bool(job.options.get("return_overlay")))
+        finally:
+            path.unlink(missing_ok=True)
+        if job.loaded.error:
+            job.loaded.error = job.loaded.error.replace(f": {path}", "").replace(str(path), "upload")
+        return job
+
+    def batch(self, inputs: list[Job]) -> list[Job]:
+        if self.pool is not None and len(inputs) > 1:
+            return list(self.pool.map(self._decode, inputs))
+        return [self._decode(job) for job in inputs]
+
+    def predict(self, x):
+        single = isinstance(x, Job)
+        jobs = self.batch([x]) if single else x
+        good = [job for job in jobs if job.loaded is not None and not job.loaded.error]
+        if good:
+            start = time.perf_counter()
+            scores, maps = self.predictor.predict(np.stack([job.loaded.model_input for job in good]))
+            self.metrics.inference.observe(time.perf_counter() - start)
+            self.metrics.batch_size.observe(len(good))
+            for job, score, amap in zip(good, scores, maps):
+                job.score, job.anomaly_map = float(score), amap
+        return jobs[0] if single else jobs
+
+    def unbatch(self, output: list[Job]) -> list[Job]:
+        return output
+
+    def record(self, job: Job) -> tuple[dict, dict]:
+        """The `preds.jsonl` record of a predicted job (as `PredictionOutputs.write` builds it, with no file
+        saved) and the requested pictures (`mask_png`, `overlay_png`: base64 PNG at the original size)."""
+        facts, opts, loaded = self.facts, job.options, job.loaded
+        mult = float(opts.get("pixel_threshold_mult", 1.0))
+        amap = np.asarray(job.anomaly_map, dtype=np.float32).reshape(job.anomaly_map.shape[-2:])
+        mask, defects = extract_defects(
+            amap, facts.pixel_threshold, mult, int(opts.get("min_defect_area", 0)), loaded.original_size
+        )
+        record = prediction_record(
+            image_path=job.filename,
+            model=facts.model,
+            category=facts.category,
+            image_size=loaded.original_size,
+            model_input_size=facts.input_size,
+            gt_label=None,
+            pred_score=job.score,
+            image_threshold=facts.image_threshold,
+            pixel_threshold=facts.pixel_threshold,
+            pixel_threshold_mult=mult,
+            defects=defects,
+        )
+        pictures = {}
+        if opts.get("return_mask"):
+            h, w = loaded.original_size
+            full = (np.asarray(mask) > 0).astype(np.uint8) * 255
+            if full.shape != (h, w):
+                full = cv2.resize(full, (w, h), interpolation=cv2.INTER_NEAREST)
+            pictures["mask_png"] = png_base64(full)
+        if opts.get("return_overlay") and loaded.original is not None:
+            effective = facts.pixel_threshold * mult
+            picture = render_overlay(loaded.original, amap, mask, defects, job.score, facts.image_threshold, effective)
+            pictures["overlay_png"] = png_base64(picture)
+        return record, pictures
+
+    def encode_response(self, output: Job):
+        """The answer of one job: 200 with `{"request_id", **record, [mask_png], [overlay_png]}` or a one-line
+        JSON error (422 for an unreadable image). The audit line is written before the answer leaves."""
+        rid = output.request_id
+        try:
+            loaded = output.loaded
+            if loaded is None or loaded.error or output.score is None:
+                message = loaded.error if loaded is not None and loaded.error else "the image was not decoded"
+                kind, status = ("image_too_large", 413) if "too large" in message else ("not_an_image", 422)
+                entry = {"request_id": rid, "model": self.identity, "status": status, "error": message}
+                self.audit.append({**entry, "filename": output.filename})
+                self.metrics.errors.labels(kind).inc()
+                return error_body(status, kind, message, rid)
+            record, pictures = self.record(output)
+            self.audit.append({"request_id": rid, "model": self.identity, "record": record}, image_bytes=output.data)
+            self.metrics.verdicts.labels(record["label"]).inc()
+            return json_response({"request_id": rid, **record, **pictures}, 200, rid)
+        except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
+            log.exception("request %s failed", rid)
+            self.metrics.errors.labels("internal").inc()
+            return error_body(500, "internal", f"internal error ({type(exc).__name__})", rid)
+
+    def teardown(self) -> None:
+        if getattr(self, "pool", None) is not None:
+            self.pool.shutdown(wait=False)
+        if getattr(self, "tmp", None):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        if getattr(self, "audit", None) is not None:
+            self.audit.close()
