@@ -8,16 +8,13 @@ key is enforced, and a SIGKILL under load leaves every answered request in the a
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +23,8 @@ import numpy as np
 import pytest
 
 from aoi_lightning.serve.audit import AuditLog
-from aoi_lightning.serve.client import ServeClient
+from aoi_lightning.serve.client import ServeClient, local_server
+from aoi_lightning.serve.client import audit_lines as read_audit
 
 VOLATILE = ("image_path", "mask_path", "overlay_path")
 BLOCK_TORCH = (
@@ -36,50 +34,18 @@ BLOCK_TORCH = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(
-    model_dir: Path, backend: str, audit_dir: Path, *extra: str, api_key: str | None = None
-) -> Iterator[tuple[ServeClient, subprocess.Popen]]:
-    """`aoi serve` in its own process group; stopped with SIGTERM (SIGKILL of the group as a last resort)."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "AOI_SERVE_API_KEY"}
-    if api_key is not None:
-        env["AOI_SERVE_API_KEY"] = api_key
-    argv = [sys.executable, "-m", "aoi_lightning.cli", "serve", "--model_dir", str(model_dir), "--backend", backend]
-    argv += ["--port", str(port), "--audit_dir", str(audit_dir), "--device", "cpu", *extra]
-    log = open(audit_dir.parent / f"server-{port}.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    client = ServeClient(f"http://127.0.0.1:{port}", api_key=api_key, timeout=60)
-    try:
-        client.wait_ready(timeout=180, process=proc)
-        yield client, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # anything of the group left behind
-        proc.wait(timeout=30)
-        log.close()
+def running_server(model_dir: Path, backend: str, audit_dir: Path, *extra: str, api_key: str | None = None):
+    """`aoi serve` on CPU in its own process group, its log beside the audit folder."""
+    log = audit_dir.parent / f"server-{audit_dir.name}.log"
+    return local_server(model_dir, backend, audit_dir, "--device", "cpu", *extra, api_key=api_key, log_path=log)
 
 
 def audit_lines(audit_dir: Path) -> list[dict]:
-    """Every line of every audit file; asserts that each file ends with a complete line."""
-    lines = []
-    for path in sorted(audit_dir.glob("audit-*.jsonl")):
-        data = path.read_bytes()
-        assert not data or data.endswith(b"\n"), f"torn last line in {path}"
-        lines += [json.loads(line) for line in data.decode("utf-8").splitlines()]
-    return lines
+    """Every audit line (asserts that no file ends in a torn line)."""
+    try:
+        return read_audit(audit_dir)
+    except ValueError as exc:
+        raise AssertionError(str(exc)) from exc
 
 
 def strip(record: dict) -> dict:

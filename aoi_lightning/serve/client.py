@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -84,3 +91,59 @@ class ServeClient:
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"aoi serve at {self.base_url} not ready after {timeout:.0f} s")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_server(
+    model_dir: str | Path,
+    backend: str,
+    audit_dir: str | Path,
+    *extra: str,
+    api_key: str | None = None,
+    log_path: str | Path | None = None,
+    ready_timeout: float = 180.0,
+) -> Iterator[tuple[ServeClient, subprocess.Popen]]:
+    """`aoi serve` on 127.0.0.1 and a free port, in its own process group, with `extra` options; yields a client
+    (carrying `api_key`, which the server gets through its environment variable) and the process once `/ready`
+    answers. On exit: SIGTERM (LitServe's graceful shutdown), then SIGKILL of whatever of the group is left."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "AOI_SERVE_API_KEY"}
+    if api_key is not None:
+        env["AOI_SERVE_API_KEY"] = api_key
+    argv = [sys.executable, "-m", "aoi_lightning.cli", "serve", "--model_dir", str(model_dir), "--backend", backend]
+    argv += ["--port", str(port), "--audit_dir", str(audit_dir), *extra]
+    log = open(log_path or os.devnull, "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = ServeClient(f"http://127.0.0.1:{port}", api_key=api_key, timeout=60)
+    try:
+        client.wait_ready(timeout=ready_timeout, process=proc)
+        yield client, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of its process group left behind
+        proc.wait(timeout=30)
+        log.close()
+
+
+def audit_lines(audit_dir: str | Path) -> list[dict]:
+    """Every line of every audit file of `audit_dir`; ValueError for a torn (incomplete) line."""
+    lines = []
+    for path in sorted(Path(audit_dir).glob("audit-*.jsonl")):
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            raise ValueError(f"torn last line in {path}")
+        lines += [json.loads(line) for line in data.decode("utf-8").splitlines()]
+    return lines
