@@ -9,11 +9,13 @@ as in `PredictionOutputs.write`. torch is imported only by the torch back end.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -143,6 +145,8 @@ class InspectionAPI(ls.LitAPI):
 
     # ---- worker start -----------------------------------------------------------------------------------
     def setup(self, device) -> None:
+        with contextlib.suppress(ValueError):  # Ctrl+C reaches the whole group: the main process stops the workers
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.predictor = load_predictor(self.backend, self.model_dir, self.predictor_device)
         self.facts = self.predictor.facts
         h, w = self.facts.input_size
