@@ -111,6 +111,8 @@ TORCH_FREE = (
     "aoi_lightning.inference.folder",
     "aoi_lightning.inference.onnx_backend",
     "aoi_lightning.commands.run",
+    "aoi_lightning.serve",
+    "aoi_lightning.commands.serve",
 )
 
 

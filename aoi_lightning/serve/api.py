@@ -1,8 +1,8 @@
 """The LitAPI of `aoi serve`: request payload -> decoded image -> dynamic batch -> `Predictor.predict` -> the
 record `aoi run` writes for that image, plus the request id.
 
-Runs in LitServe's model-worker processes. Decoding uses `inference.folder.load_image` (the decoding and resizing
-of `aoi run`); the record comes from `postprocess.extract_defects` and `postprocess.records.prediction_record`,
+Runs in LitServe's model-worker processes. Decoding uses `inference.folder.load_image` with the model's `Preprocessing`
+(as `aoi run`); the record comes from `postprocess.extract_defects` and `postprocess.records.prediction_record`,
 as in `PredictionOutputs.write`. torch is imported only by the torch back end.
 """
 
@@ -205,7 +205,9 @@ class InspectionAPI(ls.LitAPI):
         path = Path(self.tmp) / f"{job.request_id}.img"  # the server's id, never a name from the request
         try:
             path.write_bytes(job.data)
-            job.loaded = load_image(path, self.facts.input_size, keep_original=bool(job.options.get("return_overlay")))
+            job.loaded = load_image(
+                path, self.predictor.preprocessing, keep_original=bool(job.options.get("return_overlay"))
+            )
         finally:
             path.unlink(missing_ok=True)
         if job.loaded.error:
