@@ -49,15 +49,31 @@ def _check_model_dir(model_dir: Path, backend: str) -> None:
 
 def _stop_on_signals(server) -> None:
     """SIGINT/SIGTERM stop the server through LitServe's graceful shutdown (its shutdown event, set from a thread:
-    the main thread is blocked on that event); before the event exists (model loading), the model workers are
-    ended and the start is interrupted."""
+    the main thread is blocked on that event) once the HTTP servers run; before that (model loading, or a model
+    worker that died before reporting), the worker processes are ended and the start is interrupted."""
     import multiprocessing
     import signal
     import threading
 
+    serving = threading.Event()
+    start_http = server._start_server
+
+    def start_and_mark(*args, **kwargs):
+        workers = start_http(*args, **kwargs)
+        serving.set()
+        return workers
+
+    server._start_server = start_and_mark
+
+    main_pid = os.getpid()
+
     def stop(signum, frame) -> None:
+        if os.getpid() != main_pid:  # a forked API server inherited this handler: die of the signal as usual
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         event = getattr(server, "_shutdown_event", None)
-        if event is not None:
+        if event is not None and serving.is_set():
             threading.Thread(target=event.set, daemon=True).start()
             return
         for child in multiprocessing.active_children():
