@@ -2,8 +2,8 @@
 record `aoi run` writes for that image, plus the request id.
 
 Runs in LitServe's model-worker processes. Decoding uses `inference.folder.load_image` with the model's `Preprocessing`
-(as `aoi run`); the record comes from `postprocess.extract_defects` and `postprocess.records.prediction_record`,
-as in `PredictionOutputs.write`. torch is imported only by the torch back end.
+(as `aoi run`); the record from `postprocess.prediction.postprocess_prediction`, as in
+`PredictionOutputs.write`. torch is imported only by the torch back end.
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ import numpy as np
 
 from aoi_lightning.fileio import dumps, write_json
 from aoi_lightning.inference.folder import LoadedImage, load_image, load_predictor
-from aoi_lightning.postprocess.defects import extract_defects
-from aoi_lightning.postprocess.records import prediction_record
-from aoi_lightning.postprocess.render import render_overlay
+from aoi_lightning.postprocess.prediction import OutputOptions, postprocess_prediction
 from aoi_lightning.serve.audit import AuditLog
 from aoi_lightning.serve.metrics import metrics
 
@@ -236,39 +234,34 @@ class InspectionAPI(ls.LitAPI):
         return output
 
     def record(self, job: Job) -> tuple[dict, dict]:
-        """The `preds.jsonl` record of a predicted job (as `PredictionOutputs.write` builds it, with no file
-        saved) and the requested pictures (`mask_png`, `overlay_png`: base64 PNG at the original size)."""
-        facts, opts, loaded = self.facts, job.options, job.loaded
-        mult = float(opts.get("pixel_threshold_mult", 1.0))
-        amap = np.asarray(job.anomaly_map, dtype=np.float32).reshape(job.anomaly_map.shape[-2:])
-        mask, defects = extract_defects(
-            amap, facts.pixel_threshold, mult, int(opts.get("min_defect_area", 0)), loaded.original_size
+        """The `preds.jsonl` record of a predicted job (`postprocess_prediction`, as `PredictionOutputs.write`;
+        no file saved) and the requested pictures (`mask_png`, `overlay_png`: base64 PNG at the original size)."""
+        opts, loaded = job.options, job.loaded
+        options = OutputOptions(
+            pixel_threshold_mult=float(opts.get("pixel_threshold_mult", 1.0)),
+            min_defect_area=int(opts.get("min_defect_area", 0)),
         )
-        record = prediction_record(
-            image_path=job.filename,
-            model=facts.model,
-            category=facts.category,
-            image_size=loaded.original_size,
-            model_input_size=facts.input_size,
-            gt_label=None,
-            pred_score=job.score,
-            image_threshold=facts.image_threshold,
-            pixel_threshold=facts.pixel_threshold,
-            pixel_threshold_mult=mult,
-            defects=defects,
+        want_overlay = bool(opts.get("return_overlay")) and loaded.original is not None
+        result = postprocess_prediction(
+            job.filename,
+            job.score,
+            job.anomaly_map,
+            self.facts,
+            options,
+            loaded.original_size,
+            None,
+            loaded.original if want_overlay else None,
         )
         pictures = {}
         if opts.get("return_mask"):
             h, w = loaded.original_size
-            full = (np.asarray(mask) > 0).astype(np.uint8) * 255
+            full = (np.asarray(result.mask) > 0).astype(np.uint8) * 255
             if full.shape != (h, w):
                 full = cv2.resize(full, (w, h), interpolation=cv2.INTER_NEAREST)
             pictures["mask_png"] = png_base64(full)
-        if opts.get("return_overlay") and loaded.original is not None:
-            effective = facts.pixel_threshold * mult
-            picture = render_overlay(loaded.original, amap, mask, defects, job.score, facts.image_threshold, effective)
-            pictures["overlay_png"] = png_base64(picture)
-        return record, pictures
+        if result.overlay is not None:
+            pictures["overlay_png"] = png_base64(result.overlay)
+        return result.record, pictures
 
     def encode_response(self, output: Job):
         """The answer of one job: 200 with `{"request_id", **record, [mask_png], [overlay_png]}` or a one-line
