@@ -11,21 +11,89 @@ import logging
 import os
 import sys
 import warnings
+from typing import NamedTuple
 
-#: Commands handled outside LightningCLI: name -> (module, one-line description).
-EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
-    "run": (
+
+class Command(NamedTuple):
+    """An inspection command: `function` of `module` is typed and documented (Google style); its signature
+    and docstring become the command's options and `--help` (see `aoi_lightning.commands.parsing`)."""
+
+    module: str
+    function: str
+    summary: str
+
+
+#: Commands handled outside LightningCLI: name -> Command. A new command is one entry here.
+EXTRA_COMMANDS: dict[str, Command] = {
+    "run": Command(
         "aoi_lightning.commands.run",
+        "run",
         "OK/NG, masks, overlays, preds.jsonl and report.json for a folder of images",
     ),
-    "export": ("aoi_lightning.commands.export", "ONNX export of a trained run (export/model.onnx)"),
-    "consistency": ("aoi_lightning.commands.consistency", "ONNX-vs-torch check of an exported run"),
-    "compare": ("aoi_lightning.commands.compare", "side-by-side comparison of two or more runs"),
-    "check-data": ("aoi_lightning.commands.check_data", "data set check and preview.png"),
-    "report": ("aoi_lightning.commands.report", "(re)write the run's HTML report"),
-    "watch": ("aoi_lightning.commands.watch", "hot folder: each new image judged once complete, outputs as `aoi run`"),
-    "serve": ("aoi_lightning.commands.serve", "HTTP inspection service: POST /predict, health, metrics, audit log"),
+    "export": Command("aoi_lightning.commands.export", "export", "ONNX export of a trained run (export/model.onnx)"),
+    "consistency": Command(
+        "aoi_lightning.commands.consistency", "consistency", "ONNX-vs-torch check of an exported run"
+    ),
+    "compare": Command("aoi_lightning.commands.compare", "compare", "side-by-side comparison of two or more runs"),
+    "check-data": Command("aoi_lightning.commands.check_data", "check_data", "data set check and preview.png"),
+    "report": Command("aoi_lightning.commands.report", "report", "(re)write the run's HTML report"),
+    "watch": Command(
+        "aoi_lightning.commands.watch", "watch", "hot folder: each new image judged once complete, outputs as `aoi run`"
+    ),
+    "serve": Command(
+        "aoi_lightning.commands.serve", "serve", "HTTP inspection service: POST /predict, health, metrics, audit log"
+    ),
 }
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+class _PrintedByLibrary(logging.Filter):
+    """Drops records that a library logger already printed through a handler of its own (Lightning and
+    torchmetrics attach one to their top logger and still propagate to the root): each line appears once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None and logger is not logging.root:
+            if any(not isinstance(h, logging.NullHandler) for h in logger.handlers):
+                return False
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        return True
+
+
+def _no_advert(record: logging.LogRecord) -> bool:
+    """False for Lightning's tips that advertise its cloud services (litlogger, litmodels)."""
+    return not str(record.msg).lstrip().startswith("\N{ELECTRIC LIGHT BULB} Tip")
+
+
+def configure_logging() -> None:
+    """INFO lines on stderr as `LEVEL logger: message`, each once, without Lightning's advertisements."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_PrintedByLibrary())
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if _no_advert not in logger.filters:
+            logger.addFilter(_no_advert)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
+def run_command(name: str, argv: list[str], debug: bool = False) -> int:
+    """Run the inspection command `name` with the command line `argv`; returns its exit code.
+
+    Raises:
+        OptionError: a wrong option (one line); `SystemExit` for `--help` and `--print_config`.
+    """
+    from aoi_lightning.commands.parsing import parse_command
+
+    entry = EXTRA_COMMANDS[name]
+    function = getattr(importlib.import_module(entry.module), entry.function)
+    return int(function(**parse_command(name, function, argv, debug=debug)) or 0)
 
 
 def _is_user_error(exc: BaseException) -> bool:
@@ -65,8 +133,8 @@ Lightning commands (options from the YAML experiment and every override, e.g. --
 
 Inspection commands:
 {extra}
-Common options: --config FILE, --run_id ID, --runs_root DIR (default runs), --seed N, --debug.
-`aoi <command> --help` lists every option of a command.
+Common options: --config FILE, --print_config, --run_id ID, --runs_root DIR (default runs), --seed N, --debug.
+`aoi <command> --help` lists every option of a command; `aoi fit --model.help Patchcore` (or Padim) the model's.
 """
 
 
@@ -83,26 +151,34 @@ def main(argv: list[str] | None = None) -> int:
         else a
         for a in argv
     ]
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    configure_logging()
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     warnings.filterwarnings("ignore", message=".*returned `None`, this fit will run with no optimizer.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     if not argv or argv[0] in ("-h", "--help"):
-        extra = "".join(f"  {name:<11} {desc}\n" for name, (_, desc) in EXTRA_COMMANDS.items())
+        extra = "".join(f"  {name:<11} {entry.summary}\n" for name, entry in EXTRA_COMMANDS.items())
         print(HELP.format(extra=extra or "  (none)\n"))
         return 0 if argv else 2
     command = argv[0]
+    if command not in EXTRA_COMMANDS and command not in LIGHTNING_COMMANDS and not command.startswith("-"):
+        import difflib
+
+        known = [*LIGHTNING_COMMANDS, *EXTRA_COMMANDS]
+        close = difflib.get_close_matches(command, known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        print(f"aoi: error: unknown command {command!r}; {hint}commands: {', '.join(known)}", file=sys.stderr)
+        return 2
     try:
         if command in EXTRA_COMMANDS:
-            module = importlib.import_module(EXTRA_COMMANDS[command][0])
-            return int(module.main(argv[1:]) or 0)
+            return run_command(command, argv[1:], debug)
         from aoi_lightning.commands.lightning import AoiCLI
 
-        AoiCLI(args=argv)
+        AoiCLI(args=argv, debug=debug)
         return 0
+    except SystemExit as exc:  # --help, --print_config; with --debug a parsing error after its full report
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KeyboardInterrupt:
         print("aoi: interrupted", file=sys.stderr)
         return 130

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,25 +15,6 @@ from aoi_lightning.postprocess.render import write_png
 
 MASK_COLOR = (0, 0, 255)  # BGR red
 LABEL_WIDTH = 170
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="aoi check-data",
-        description="Check an MVTec AD style category: counts per split and defect type, image sizes and modes, "
-        "missing and orphan masks, unreadable files (listed, not fatal). Writes data_check.json and preview.png "
-        "(samples of each split/defect type, masks outlined in red) into --output_dir.",
-    )
-    parser.add_argument("--root", required=True, help="Data root holding <category>/train, test, ground_truth.")
-    parser.add_argument("--category", required=True, help="Category folder under --root.")
-    parser.add_argument("--mask_suffix", default="_mask", help="Suffix of mask file stems (default %(default)s).")
-    parser.add_argument("--output_dir", default=".", help="Folder for data_check.json and preview.png (default: here).")
-    parser.add_argument(
-        "--samples", type=int, default=6, help="Samples per split/defect type in the preview (default 6)."
-    )
-    parser.add_argument("--tile_size", type=int, default=160, help="Preview tile size in pixels (default 160).")
-    parser.add_argument("--strict", action="store_true", help="Exit with code 1 when problems are found.")
-    return parser
 
 
 def _tile(image_path: Path, mask_path: Path | None, size: int) -> np.ndarray:
@@ -94,18 +74,46 @@ def render_preview(groups: list[GroupEntry], title: str, samples: int = 6, tile:
     return np.vstack(rows)
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.samples < 1 or args.tile_size < 32:
+def check_data(
+    root: str,
+    category: str,
+    mask_suffix: str = "_mask",
+    output_dir: str = ".",
+    samples: int = 6,
+    tile_size: int = 160,
+    strict: bool = False,
+) -> int:
+    """Check an MVTec AD style category and draw a preview.
+
+    Counts per split and defect type, image sizes and modes, missing and orphan masks, unreadable files (listed,
+    not fatal). Writes data_check.json and preview.png (samples of each split/defect type, masks outlined in red)
+    into OUTPUT_DIR.
+
+    Args:
+        root: data root holding <category>/train, test, ground_truth.
+        category: category folder under ROOT.
+        mask_suffix: suffix of mask file stems (000_mask.png).
+        output_dir: folder for data_check.json and preview.png (default: the current folder).
+        samples: samples per split/defect type in the preview (>= 1).
+        tile_size: preview tile size in pixels (>= 32).
+        strict: exit with code 1 when problems are found.
+
+    Returns:
+        0, or 1 with `strict` when problems were found.
+
+    Raises:
+        ValueError: a value out of range, a missing root or category (one line).
+    """
+    if samples < 1 or tile_size < 32:
         raise ValueError("--samples must be >= 1 and --tile_size >= 32")
-    report, groups = check_category(args.root, args.category, args.mask_suffix)
-    out = Path(args.output_dir).expanduser()
-    title = f"{args.category}: samples per split/defect type (masks outlined in red)"
-    preview = write_png(out / "preview.png", render_preview(groups, title, args.samples, args.tile_size))
+    report, groups = check_category(root, category, mask_suffix)
+    out = Path(output_dir).expanduser()
+    title = f"{category}: samples per split/defect type (masks outlined in red)"
+    preview = write_png(out / "preview.png", render_preview(groups, title, samples, tile_size))
     report["preview"] = str(preview)
     write_json(out / "data_check.json", report)
     print("\n".join(summary_lines(report)))
     print(f"wrote {out / 'data_check.json'} and {preview}")
     if report["num_problems"]:
         print(f"aoi check-data: {report['num_problems']} problem(s) found", file=sys.stderr)
-    return 1 if args.strict and report["num_problems"] else 0
+    return 1 if strict and report["num_problems"] else 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -22,27 +21,6 @@ from aoi_lightning.rundir.meta import utc_now
 log = logging.getLogger(__name__)
 
 LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="aoi compare",
-        description="Compare trained runs: comparison_table.md (metrics, timings, sizes side by side, best in bold), "
-        "comparison_report.json (everything), samples/<run>/ overlays of good images and of mild, medium and severe "
-        "cases of each defect type, comparison_grids/ (side by side) and sample_visualizations.md. Overlays come "
-        "from each run's predictions/ (`aoi predict`); runs without them are listed as missing.",
-    )
-    parser.add_argument("--run_dir_a", required=True, help="First run directory (written by `aoi fit`).")
-    parser.add_argument("--run_dir_b", required=True, help="Second run directory.")
-    parser.add_argument("--run_dirs", nargs="*", default=[], help="More run directories to compare.")
-    parser.add_argument("--output_dir", required=True, help="Folder for the comparison files (created).")
-    parser.add_argument(
-        "--render_missing",
-        action="store_true",
-        help="Draw the overlays of runs without predictions/ with their model (weights/model.ckpt).",
-    )
-    parser.add_argument("--device", default="cpu", help="Torch device for --render_missing (default cpu).")
-    return parser
 
 
 def _render(runs, cases, device: str) -> tuple[dict, list[str]]:
@@ -154,12 +132,34 @@ def compare_runs(
     return report
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    report = compare_runs(
-        [args.run_dir_a, args.run_dir_b, *args.run_dirs], args.output_dir, args.render_missing, args.device
-    )
-    out = Path(args.output_dir)
+def compare(
+    run_dir_a: str,
+    run_dir_b: str,
+    output_dir: str,
+    run_dirs: list[str] = (),
+    render_missing: bool = False,
+    device: str = "cpu",
+) -> int:
+    """Compare trained runs side by side.
+
+    Writes comparison_table.md (metrics, timings, sizes side by side, best in bold), comparison_report.json
+    (everything), samples/<run>/ overlays of good images and of mild, medium and severe cases of each defect type,
+    comparison_grids/ (side by side) and sample_visualizations.md. Overlays come from each run's predictions/
+    (`aoi predict`); runs without them are listed as missing.
+
+    Args:
+        run_dir_a: first run directory (written by `aoi fit`).
+        run_dir_b: second run directory.
+        output_dir: folder for the comparison files (created).
+        run_dirs: more run directories to compare (`--run_dirs C D`).
+        render_missing: draw the overlays of runs without predictions/ with their model (weights/model.ckpt).
+        device: torch device for --render_missing.
+
+    Raises:
+        RunError: fewer than two or more than 26 runs, the same run twice, a run without results (one line).
+    """
+    report = compare_runs([run_dir_a, run_dir_b, *run_dirs], output_dir, render_missing, device)
+    out = Path(output_dir)
     print(f"compared {len(report['runs'])} runs: " + ", ".join(r["name"] for r in report["runs"]))
     for row in report["table"]:
         best = ", ".join(row["best"]) or "-"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from pathlib import Path
+from typing import Literal
 
 from aoi_lightning.export.consistency import (
     DEFAULT_IOU_TOL,
@@ -23,29 +23,6 @@ from aoi_lightning.inference.onnx_backend import export_preprocessing
 from aoi_lightning.rundir.meta import utc_now
 
 log = logging.getLogger(__name__)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="aoi consistency",
-        description="Compare the ONNX export of a run (ONNX Runtime) with its torch model on the run's test images: "
-        "score MAE, map MAE and mask IoU at the pixel threshold. Writes RUN/export/consistency.json; "
-        "exit status 1 when the check FAILED.",
-    )
-    parser.add_argument("--run_dir", required=True, help="Run directory with export/model.onnx (see `aoi export`).")
-    add = parser.add_argument
-    add("--max_images", type=int, default=None, help="Test images to use, spread evenly (default: all).")
-    add("--score_tol", type=float, default=DEFAULT_SCORE_TOL, help="Largest image-score MAE (default %(default)g).")
-    add("--map_tol", type=float, default=DEFAULT_MAP_TOL, help="Largest anomaly-map MAE (default %(default)g).")
-    add("--iou_tol", type=float, default=DEFAULT_IOU_TOL, help="Smallest mask IoU (default %(default)g).")
-    parser.add_argument(
-        "--device",
-        choices=("cpu", "cuda"),
-        default="cpu",
-        help="Device of the torch model and ONNX Runtime's provider (default cpu).",
-    )
-    parser.add_argument("--batch_size", type=int, default=8, help="Images per batch (default 8).")
-    return parser
 
 
 def _stale_thresholds(meta: dict, model) -> list[str]:
@@ -159,14 +136,38 @@ def consistency_run(
     return result
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_images is not None and args.max_images < 1:
-        raise ConsistencyError(f"--max_images must be >= 1, got {args.max_images}")
-    if args.batch_size < 1:
-        raise ConsistencyError(f"--batch_size must be >= 1, got {args.batch_size}")
-    result = consistency_run(
-        args.run_dir, args.max_images, args.score_tol, args.map_tol, args.iou_tol, args.device, args.batch_size
-    )
+def consistency(
+    run_dir: str,
+    max_images: int | None = None,
+    score_tol: float = DEFAULT_SCORE_TOL,
+    map_tol: float = DEFAULT_MAP_TOL,
+    iou_tol: float = DEFAULT_IOU_TOL,
+    device: Literal["cpu", "cuda"] = "cpu",
+    batch_size: int = 8,
+) -> int:
+    """Compare the ONNX export of a run (ONNX Runtime) with its torch model on the run's test images.
+
+    Measures score MAE, map MAE and mask IoU at the pixel threshold and writes RUN/export/consistency.json.
+
+    Args:
+        run_dir: run directory with export/model.onnx (see `aoi export`).
+        max_images: test images to use, spread evenly (null: all).
+        score_tol: largest image-score MAE.
+        map_tol: largest anomaly-map MAE.
+        iou_tol: smallest mask IoU.
+        device: device of the torch model and ONNX Runtime's provider.
+        batch_size: images per batch (>= 1).
+
+    Returns:
+        0 when the check PASSED, 1 when it FAILED.
+
+    Raises:
+        ConsistencyError: a run without an export, an export of another size, a value out of range (one line).
+    """
+    if max_images is not None and max_images < 1:
+        raise ConsistencyError(f"--max_images must be >= 1, got {max_images}")
+    if batch_size < 1:
+        raise ConsistencyError(f"--batch_size must be >= 1, got {batch_size}")
+    result = consistency_run(run_dir, max_images, score_tol, map_tol, iou_tol, device, batch_size)
     print(summary_line(result))
     return 0 if result["status"] == "PASSED" else 1

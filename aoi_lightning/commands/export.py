@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -10,18 +9,6 @@ from aoi_lightning.export.onnx_export import DEFAULT_OPSET, ExportError, export_
 from aoi_lightning.rundir.thresholds_file import THRESHOLD_NAMES, check_thresholds_file
 
 log = logging.getLogger(__name__)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="aoi export",
-        description="Export a trained run to ONNX: RUN/export/model.onnx (input `image` (B, 3, H, W) RGB in [0, 1], "
-        "normalisation inside; outputs pred_score (B) and anomaly_map (B, 1, H, W)) and RUN/export/export_meta.json "
-        "(thresholds, input size, versions, sha256).",
-    )
-    parser.add_argument("--run_dir", required=True, help="Run directory written by `aoi fit` (weights/model.ckpt).")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version (default %(default)s).")
-    return parser
 
 
 def run_threshold_info(module, run_path: Path) -> dict:
@@ -50,10 +37,22 @@ def export_run(run_dir: str | Path, opset: int = DEFAULT_OPSET) -> Path:
     return export_module(module, module.preprocessing.image_size, info.run.export, extra=extra, opset=opset)
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.opset < 13:
-        raise ExportError(f"--opset must be >= 13, got {args.opset}")
-    path = export_run(args.run_dir, args.opset)
+def export(run_dir: str, opset: int = DEFAULT_OPSET) -> int:
+    """Export a trained run to ONNX.
+
+    Writes RUN/export/model.onnx (input `image` (B, 3, H, W) RGB in [0, 1], normalisation inside; outputs
+    pred_score (B) and anomaly_map (B, 1, H, W)) and RUN/export/export_meta.json (thresholds, input size,
+    versions, sha256).
+
+    Args:
+        run_dir: run directory written by `aoi fit` (weights/model.ckpt).
+        opset: ONNX opset version (>= 13).
+
+    Raises:
+        ExportError: opset below 13, a run without a usable checkpoint, thresholds that disagree (one line).
+    """
+    if opset < 13:
+        raise ExportError(f"--opset must be >= 13, got {opset}")
+    path = export_run(run_dir, opset)
     print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB) and {path.with_name('export_meta.json').name}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import time
@@ -11,6 +12,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from aoi_lightning.commands.parsing import OptionError, one_line, option_keys
 from aoi_lightning.data.datamodule import MVTecDataModule
 from aoi_lightning.distributed import resolve_strategy
 from aoi_lightning.fileio import write_text_atomic
@@ -28,6 +30,13 @@ TRAINER_DEFAULTS = {
     "devices": 1,
 }
 
+MODEL_HELP = (
+    "The model's options (model.init_args.*) depend on its class and are not listed above: "
+    "`aoi {command} --model.help Padim` or `aoi {command} --model.help Patchcore` lists them (a class path such as "
+    "aoi_lightning.models.Patchcore works too), and `aoi {command} --config FILE --print_config` prints a whole "
+    "resolved config."
+)
+
 
 class RunConfigSaver(SaveConfigCallback):
     """Writes the fully resolved config of a fit to `<run>/config.yaml` (atomically, rank zero)."""
@@ -43,6 +52,19 @@ class RunConfigSaver(SaveConfigCallback):
         write_text_atomic(Path(trainer.default_root_dir) / "config.yaml", text)
 
 
+def model_class_names() -> list[str]:
+    """Names of the model classes `--model` accepts (the AnomalyModule subclasses defined in this package)."""
+    import aoi_lightning.models  # noqa: F401 - defines the subclasses
+
+    found, todo = [], list(AnomalyModule.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo.extend(cls.__subclasses__())
+        if cls.__module__.startswith("aoi_lightning.") and cls.__name__ not in found:
+            found.append(cls.__name__)
+    return found
+
+
 def _is_run_logger(logger) -> bool:
     """True for the CSV logger this CLI puts into every run (as saved in a run's config.yaml)."""
     if not isinstance(logger, (Namespace, dict)):
@@ -54,21 +76,42 @@ def _is_run_logger(logger) -> bool:
 class AoiCLI(LightningCLI):
     """LightningCLI with a run directory per fit: `<runs_root>/<model>/<category>/<run_id>/`."""
 
-    def __init__(self, args=None, run: bool = True) -> None:
+    def __init__(self, args=None, run: bool = True, debug: bool = False) -> None:
+        """Parse `args` (a command line without `aoi`), set up the run directory and run the subcommand.
+
+        Args:
+            args: e.g. `["fit", "--config", "x.yaml"]`; None reads `sys.argv`.
+            run: False only parses and instantiates (no subcommand).
+            debug: True keeps jsonargparse's full usage and error report; False raises `OptionError`
+                with one line for a wrong option or config key.
+
+        Raises:
+            OptionError: unknown key (with the closest match and the allowed keys), wrong type, missing value.
+        """
         self.run_dir: RunDir | None = None
+        self._new_dirs: list[Path] = []
         self._timings: dict[str, float] = {}
-        super().__init__(
-            model_class=AnomalyModule,
-            subclass_mode_model=True,
-            datamodule_class=MVTecDataModule,
-            save_config_callback=RunConfigSaver,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults=TRAINER_DEFAULTS,
-            seed_everything_default=0,
-            auto_configure_optimizers=False,
-            args=args,
-            run=run,
-        )
+        subcommands = ("fit", "validate", "test", "predict")
+        try:
+            super().__init__(
+                model_class=AnomalyModule,
+                subclass_mode_model=True,
+                datamodule_class=MVTecDataModule,
+                save_config_callback=RunConfigSaver,
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults=TRAINER_DEFAULTS,
+                seed_everything_default=0,
+                auto_configure_optimizers=False,
+                parser_kwargs={
+                    "exit_on_error": debug,
+                    **{c: {"epilog": MODEL_HELP.format(command=c)} for c in subcommands},
+                },
+                args=args,
+                run=run,
+            )
+        except BaseException:
+            self._remove_unstarted_run_dir()
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -77,7 +120,12 @@ class AoiCLI(LightningCLI):
         parser.add_argument("--runs_root", type=str, default="runs", help="Folder that holds the run directories.")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as exc:
+            sub = next((a for a in (args or []) if isinstance(a, str) and a in self._subcommand_parsers), None)
+            keys = option_keys(self._subcommand_parsers[sub]) if sub else option_keys(parser)
+            raise OptionError(one_line(str(exc), keys, classes={"model": model_class_names()})) from exc
         # LightningCLI next takes the model's hyper-parameters from --ckpt_path, silently replacing the model
         # class of the config: a checkpoint of another model, an unsafe or damaged file, or one whose run's
         # thresholds.json disagrees with it is refused first, with one line.
@@ -102,6 +150,10 @@ class AoiCLI(LightningCLI):
         run = RunDir.from_checkpoint(ckpt) if ckpt and self.subcommand != "fit" else None
         if run is None:
             run = RunDir.create(cfg.runs_root, model_name, cfg.data.category, run_id)
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                root = Path(cfg.runs_root).expanduser()
+                chain = [run.path, *run.path.parents[: len(run.path.relative_to(root).parts)]]
+                self._new_dirs = [p for p in chain if not p.exists()]
         self.run_dir = run
         cfg.trainer.default_root_dir = str(run.path)
         if cfg.trainer.get("logger") in (None, True) or _is_run_logger(cfg.trainer.get("logger")):
@@ -110,6 +162,22 @@ class AoiCLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.CSVLogger",
                 init_args=Namespace(save_dir=str(run.path), name="logs", version=f"{self.subcommand}-{run_id}"),
             )
+
+    def _remove_unstarted_run_dir(self) -> None:
+        """After a failure: remove the run directory (and the parent folders) this command created, if no file was
+        written into it (only the empty folders of the logger). A folder that existed before is never removed."""
+        if self.run_dir is None or not self._new_dirs or self._new_dirs[0] != self.run_dir.path:
+            return
+        path = self.run_dir.path
+        if not path.is_dir() or any(not p.is_dir() for p in path.rglob("*")):
+            return
+        for folder in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            folder.rmdir()
+        for folder in self._new_dirs:  # deepest first; stops at the first one that is not empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         cfg = self._get(self.config_init, "trainer", default={})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -12,21 +11,6 @@ from aoi_lightning.report.gallery import image_key, prediction_overlays, read_bg
 from aoi_lightning.rundir.loading import RunError, load_run_model, read_run_info
 
 log = logging.getLogger(__name__)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="aoi report",
-        description="Write RUN/report.html: a self-contained page (no network) with the metrics, image-level ROC and "
-        "PR curves, score histograms with the threshold, the per-defect-type table and a gallery of the worst false "
-        "positives and false negatives. Overlays come from RUN/predictions/ when present, else from the model.",
-    )
-    parser.add_argument(
-        "--run_dir", required=True, help="Run directory written by `aoi fit` (metrics.json, preds_test.jsonl)."
-    )
-    parser.add_argument("--gallery_size", type=int, default=6, help="Pictures per gallery (default %(default)s).")
-    parser.add_argument("--device", default="cpu", help="Torch device for overlays drawn by the model (default cpu).")
-    return parser
 
 
 def model_overlay_source(run_dir: Path, image_size: tuple[int, int], device: str) -> OverlaySource:
@@ -83,10 +67,23 @@ def report_from_run(run_dir: str | Path, gallery_size: int = 6, device: str = "c
     return write_report(run.path, data)
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.gallery_size < 0:
-        raise ValueError(f"--gallery_size must be >= 0, got {args.gallery_size}")
-    path = report_from_run(args.run_dir, args.gallery_size, args.device)
+def report(run_dir: str, gallery_size: int = 6, device: str = "cpu") -> int:
+    """Write RUN/report.html, a self-contained page (no network).
+
+    The page holds the metrics, image-level ROC and PR curves, score histograms with the threshold, the
+    per-defect-type table and a gallery of the worst false positives and false negatives. Overlays come from
+    RUN/predictions/ when present, else from the model.
+
+    Args:
+        run_dir: run directory written by `aoi fit` (metrics.json, preds_test.jsonl).
+        gallery_size: pictures per gallery (>= 0).
+        device: torch device for overlays drawn by the model.
+
+    Raises:
+        RunError: a run without test results; ValueError: a negative gallery size (one line).
+    """
+    if gallery_size < 0:
+        raise ValueError(f"--gallery_size must be >= 0, got {gallery_size}")
+    path = report_from_run(run_dir, gallery_size, device)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
