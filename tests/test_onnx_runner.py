@@ -91,3 +91,18 @@ def test_onnx_predictor_refuses_a_size_mismatch(patchcore_run: Path, tmp_path: P
 def test_onnx_predictor_names_the_export_command(tmp_path: Path):
     with pytest.raises(OnnxRunError, match="aoi export"):
         OnnxPredictor.from_run(tmp_path)
+
+
+def test_run_help_and_option_errors_without_torch(tmp_path: Path):
+    """The options of `aoi run` are parsed (jsonargparse) in a process where torch cannot be imported."""
+    res = subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH, "run", "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "--backend {torch,onnx}" in res.stdout and "default: torch" in res.stdout
+    argv = ["run", "--model_dir", tmp_path, "--input_dir", tmp_path, "--output_dir", tmp_path / "o", "--backend", "onx"]
+    res = subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH, *map(str, argv)], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip() == "aoi run: error: --backend: expected one of torch, onnx, got onx; did you mean onnx?"

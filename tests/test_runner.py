@@ -33,7 +33,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_mvtec_root: Path) -> P
 
 def test_run_writes_one_line_per_file(aoi_cli, patchcore_run: Path, inputs: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code = aoi_cli(["run", "--model_dir", patchcore_run, "--input_dir", inputs, "--output_dir", out, "--recursive",
+    code = aoi_cli(["run", "--model_dir", patchcore_run, "--input_dir", inputs, "--output_dir", out,
                     "--batch_size", "3", "--device", "cpu", "--num_workers", "2", "--no_progress"])  # fmt: skip
     assert code == 0
     records = read_jsonl(out / "preds.jsonl")
@@ -57,23 +57,18 @@ def test_run_writes_one_line_per_file(aoi_cli, patchcore_run: Path, inputs: Path
     assert report["defect_stats"]["total_defects"] == sum(r["num_defects"] for r in good)
 
 
-def test_run_options_and_empty_folder(aoi_cli, patchcore_run: Path, inputs: Path, tmp_path: Path) -> None:
+def test_run_options_and_top_level_only(aoi_cli, patchcore_run: Path, inputs: Path, tmp_path: Path) -> None:
     out = tmp_path / "flat"
     flags = ["--no_save_masks", "--no_save_overlays", "--pixel_threshold_mult", "0.5", "--no_progress"]
-    code = aoi_cli(["run", "--model_dir", patchcore_run, "--input_dir", inputs, "--output_dir", out, *flags])
+    code = aoi_cli(["run", "--model_dir", patchcore_run, "--input_dir", inputs, "--output_dir", out, *flags,
+                    "--recursive", "false"])  # fmt: skip
     assert code == 0
     records = read_jsonl(out / "preds.jsonl")
-    assert len(records) == 4  # no --recursive: the subfolders are skipped
+    assert len(records) == 4  # --recursive false: the subfolders are skipped
     assert not any("mask_path" in r or "overlay_path" in r for r in records)
     assert all(
         r["effective_pixel_threshold"] == pytest.approx(0.5 * r["pixel_threshold"]) for r in records if "error" not in r
     )
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert aoi_cli(["run", "--model_dir", patchcore_run, "--input_dir", empty, "--output_dir", tmp_path / "o2"]) == 0
-    report = read_json(tmp_path / "o2" / "report.json")
-    assert report["num_images"] == 0 and report["defect_stats"] is None and "score_stats" not in report
-    assert (tmp_path / "o2" / "preds.jsonl").read_text() == ""
 
 
 def test_run_missing_folders_exit_2(aoi_cli, patchcore_run: Path, inputs: Path, tmp_path: Path, capsys) -> None:

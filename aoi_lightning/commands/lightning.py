@@ -103,6 +103,7 @@ class AoiCLI(LightningCLI):
                 seed_everything_default=0,
                 auto_configure_optimizers=False,
                 parser_kwargs={
+                    "prog": "aoi",
                     "exit_on_error": debug,
                     **{c: {"epilog": MODEL_HELP.format(command=c)} for c in subcommands},
                 },

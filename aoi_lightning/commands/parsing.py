@@ -207,7 +207,7 @@ def one_line(
         first = next((t for t in match.group(1).split() if t.startswith("-")), match.group(1).split()[0])
         key = first.lstrip("-").split("=", 1)[0].rstrip("+")
         return unknown(key) if first.startswith("-") else f"unexpected value {first!r} (options start with --)"
-    match = re.search(r"does not accept option '([^']+)'|Key '([^']+)' is not expected", text)
+    match = re.match(r"(?:Option|Key) '([^']+)' is not (?:accepted|expected)|.* does not accept option '([^']+)'", text)
     if match:
         return unknown(match.group(1) or match.group(2))
     match = re.search(r"the following arguments are required: (.*)", text) or re.search(
