@@ -323,7 +323,9 @@ def test_header_sizes_of_every_format(tmp_path: Path, bomb_png: Path) -> None:
 # -- empty folder, ONNX back end, output names ----------------------------------------------------------------------
 
 
-def test_folder_without_images_gives_the_same_empty_result_in_run_and_predict(aoi_cli, patchcore_run, tmp_path):
+def test_folder_without_images_is_refused_by_run_and_gives_an_empty_result_in_predict(
+    aoi_cli, patchcore_run, tmp_path, capsys
+):
     folder = tmp_path / "no_images"
     (folder / "sub").mkdir(parents=True)
     (folder / "notes.txt").write_text("not an image")
@@ -331,17 +333,20 @@ def test_folder_without_images_gives_the_same_empty_result_in_run_and_predict(ao
     run = tmp_path / "run"
     shutil.copytree(patchcore_run, run, ignore=shutil.ignore_patterns("predictions", "logs", "eval"))
     out = tmp_path / "out"
-    assert aoi_cli(["run", "--model_dir", run, "--input_dir", folder, "--output_dir", out, "--recursive"]) == 0
+    assert aoi_cli(["run", "--model_dir", run, "--input_dir", folder, "--output_dir", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"aoi run: error: --input_dir: no images (png, jpg, jpeg, bmp, tif, tiff, webp) in {folder.resolve()} "
+        "or its subfolders"
+    ]
+    assert not out.exists()
     assert aoi_cli(["predict", "--config", run / "config.yaml", "--ckpt_path", run / "weights" / "model.ckpt",
                     "--data.predict_dir", folder, "--trainer.enable_progress_bar", "false",
                     "--trainer.logger", "false"]) == 0  # fmt: skip
-    reports = []
-    for where in (out, run / "predictions"):
-        assert (where / "preds.jsonl").read_text(encoding="utf-8") == ""
-        report = read_json(where / "report.json")
-        assert (report["num_images"], report["num_errors"], report["defect_stats"]) == (0, 0, None)
-        reports.append({k: v for k, v in report.items() if k != "created_at"})
-    assert reports[0] == reports[1]
+    where = run / "predictions"
+    assert (where / "preds.jsonl").read_text(encoding="utf-8") == ""
+    report = read_json(where / "report.json")
+    assert (report["num_images"], report["num_errors"], report["defect_stats"]) == (0, 0, None)
 
 
 def test_onnx_backend_gives_the_same_outcomes(aoi_cli, corpus: Corpus, run_outcome: Outcome, patchcore_run, tmp_path):

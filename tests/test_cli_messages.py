@@ -83,6 +83,32 @@ def test_wrong_type_is_one_line_and_debug_keeps_the_full_report(aoi_cli, capsys)
     assert 'Parser key "data.num_workers"' in err
 
 
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--model.init_args.tile_size", "abc"], "model.init_args.tile_size: expected int or null, got abc"),
+        (
+            ["--model.init_args.tile_thresholds", "tile"],
+            "model.init_args.tile_thresholds: expected one of global, per_tile, got tile; did you mean per_tile?",
+        ),
+        (
+            ["--model", "Padm"],
+            "model: 'Padm' is not a class name or class path; did you mean Padim? (classes: Padim, Patchcore)",
+        ),
+        (
+            ["--trainer.acelerator", "cpu"],
+            "trainer.acelerator: unknown option; did you mean trainer.accelerator? "
+            "(options of trainer: accelerator, strategy, devices,",
+        ),
+    ],
+    ids=["nested-union", "nested-literal", "model-class", "trainer-key"],
+)
+def test_nested_errors_are_one_line(extra, expected, aoi_cli, capsys) -> None:
+    assert aoi_cli(["fit", "--config", QUICKSTART, *extra]) == 2
+    err = _lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(f"aoi fit: error: {expected}"), err
+
+
 def test_unknown_command_names_the_closest(aoi_cli, capsys) -> None:
     assert aoi_cli(["fti"]) == 2
     assert _lines(capsys.readouterr().err) == [

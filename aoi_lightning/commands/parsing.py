@@ -167,6 +167,22 @@ def _expected(body: str) -> str | None:
     return None
 
 
+def _class_problem(body: str) -> tuple[str, str] | None:
+    """(class path, its nested report) from `- Problem with given class_path 'X':` and the lines indented below it."""
+    lines = body.splitlines()
+    for i, line in enumerate(lines):
+        match = re.match(r"(\s*)- Problem with given class_path '([^']+)':\s*(.*)", line)
+        if match:
+            indent = len(match.group(1))
+            inner = [match.group(3)] if match.group(3) else []
+            for below in lines[i + 1 :]:
+                if len(below) - len(below.lstrip()) <= indent + 1 and below.strip():
+                    break
+                inner.append(below)
+            return match.group(2), "\n".join(inner)
+    return None
+
+
 def _first_line(text: str) -> str:
     lines = [ln.strip(" -") for ln in text.splitlines() if ln.strip(" -")]
     return lines[0] if lines else text.strip()
@@ -223,11 +239,9 @@ def one_line(
     match = re.match(r'Parser key "([^"]+)"(?: element \d+)?:\s*(.*)', text, re.S)
     if match:
         key, body = match.group(1), match.group(2)
-        problem = re.search(
-            r"Problem with given class_path '([^']+)':\s*(.*?)(?:\n\s*- |\n\s*Given value|\Z)", body, re.S
-        )
+        problem = _class_problem(body)
         if problem:
-            class_path, inner = problem.group(1), problem.group(2)
+            class_path, inner = problem
             option = re.search(r"Option '([^']+)' is not accepted|Key '([^']+)' is not expected", inner)
             cls = class_path.rsplit(".", 1)[-1]
             if option:
