@@ -124,8 +124,9 @@ class AoiCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as exc:
-            sub = next((a for a in (args or []) if isinstance(a, str) and a in self._subcommand_parsers), None)
-            keys = option_keys(self._subcommand_parsers[sub]) if sub else option_keys(parser)
+            subparsers = getattr(self, "_subcommand_parsers", {})  # absent with run=False
+            sub = next((a for a in (args or []) if isinstance(a, str) and a in subparsers), None)
+            keys = option_keys(subparsers[sub] if sub else parser)
             raise OptionError(one_line(str(exc), keys, classes={"model": model_class_names()})) from exc
         # LightningCLI next takes the model's hyper-parameters from --ckpt_path, silently replacing the model
         # class of the config: a checkpoint of another model, an unsafe or damaged file, or one whose run's
