@@ -47,9 +47,13 @@ EXTRA_COMMANDS: dict[str, Command] = {
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
+#: Libraries that attach a stderr handler of their own to their top logger at import, and still propagate.
+LIBRARY_LOGGERS = ("lightning", "torchmetrics")
+
+
 class _PrintedByLibrary(logging.Filter):
-    """Drops records that a library logger already printed through a handler of its own (Lightning and
-    torchmetrics attach one to their top logger and still propagate to the root): each line appears once."""
+    """Drops records that a library logger printed through a handler of its own (one imported after
+    `drop_library_handlers` ran): each line appears once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         logger: logging.Logger | None = logging.getLogger(record.name)
@@ -62,17 +66,28 @@ class _PrintedByLibrary(logging.Filter):
         return True
 
 
+class _LineFormatter(logging.Formatter):
+    """`INFO: message`; warnings and errors also name their logger (`WARNING aoi_lightning.x: message`)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s: %(message)s")
+        self._named = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record) if record.levelno < logging.WARNING else self._named.format(record)
+
+
 def _no_advert(record: logging.LogRecord) -> bool:
     """False for Lightning's tips that advertise its cloud services (litlogger, litmodels)."""
     return not str(record.msg).lstrip().startswith("\N{ELECTRIC LIGHT BULB} Tip")
 
 
 def configure_logging() -> None:
-    """INFO lines on stderr as `LEVEL logger: message`, each once, without Lightning's advertisements."""
+    """INFO lines on stderr (`INFO: message`), each once, without Lightning's advertisements."""
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_LineFormatter())
         handler.addFilter(_PrintedByLibrary())
         root.addHandler(handler)
         root.setLevel(logging.INFO)
@@ -81,6 +96,19 @@ def configure_logging() -> None:
         if _no_advert not in logger.filters:
             logger.addFilter(_no_advert)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
+def drop_library_handlers() -> None:
+    """Remove the stderr handlers that Lightning and torchmetrics attached to their loggers at import (they also
+    propagate to the root, so every line would be printed twice); their records then go to the root's handlers.
+    Nothing changes where the root has no handler."""
+    if not logging.getLogger().handlers:
+        return
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.propagate:
+            for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+                logger.removeHandler(handler)
 
 
 def run_command(name: str, argv: list[str], debug: bool = False) -> int:
@@ -93,6 +121,7 @@ def run_command(name: str, argv: list[str], debug: bool = False) -> int:
 
     entry = EXTRA_COMMANDS[name]
     function = getattr(importlib.import_module(entry.module), entry.function)
+    drop_library_handlers()
     return int(function(**parse_command(name, function, argv, debug=debug)) or 0)
 
 
@@ -175,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_command(command, argv[1:], debug)
         from aoi_lightning.commands.lightning import AoiCLI
 
+        drop_library_handlers()
         AoiCLI(args=argv, debug=debug)
         return 0
     except SystemExit as exc:  # --help, --print_config; with --debug a parsing error after its full report
