@@ -155,7 +155,7 @@ def test_run_help_lists_the_options_with_types_and_defaults(aoi_cli, capsys) -> 
         "--batch_size BATCH_SIZE images per forward pass (>= 1). (type: int, default: 8)",
         "--pixel_threshold_mult PIXEL_THRESHOLD_MULT",
         "(type: float, default: 1.0)",
-        "--backend {torch,onnx}",
+        "--backend {torch,onnx,openvino}",
         "--config CONFIG",
         "--print_config",
     ):

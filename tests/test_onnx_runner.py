@@ -99,10 +99,14 @@ def test_run_help_and_option_errors_without_torch(tmp_path: Path):
         [sys.executable, "-c", BLOCK_TORCH, "run", "--help"], capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "--backend {torch,onnx}" in res.stdout and "default: torch" in res.stdout
+    out = " ".join(res.stdout.split())  # the help wraps lines
+    assert "--backend {torch,onnx,openvino}" in out and "default: torch" in out
     argv = ["run", "--model_dir", tmp_path, "--input_dir", tmp_path, "--output_dir", tmp_path / "o", "--backend", "onx"]
     res = subprocess.run(
         [sys.executable, "-c", BLOCK_TORCH, *map(str, argv)], capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 2
-    assert res.stderr.strip() == "aoi run: error: --backend: expected one of torch, onnx, got onx; did you mean onnx?"
+    assert (
+        res.stderr.strip()
+        == "aoi run: error: --backend: expected one of torch, onnx, openvino, got onx; did you mean onnx?"
+    )
