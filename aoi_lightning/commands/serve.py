@@ -198,10 +198,3 @@ def serve(
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         shutil.rmtree(state_dir, ignore_errors=True)
     return 0
-
-
-def main(argv: list[str]) -> int:
-    """Entry point of `aoi serve` (options from `serve`'s signature and docstring)."""
-    from jsonargparse import CLI
-
-    return int(CLI(serve, args=list(argv), prog="aoi serve", as_positional=False) or 0)

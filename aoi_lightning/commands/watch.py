@@ -126,14 +126,3 @@ def watch(
         f"{out / PREDS_FILE}, {out / REPORT_JSON}"
     )
     return 0
-
-
-def main(argv: list[str]) -> int:
-    """Entry point of `aoi watch` until `aoi` builds every command's parser from its function."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="aoi watch", description=(watch.__doc__ or "").split("\n\n")[0])
-    parser.add_function_arguments(watch, as_positional=False)
-    args = parser.parse_args(argv).as_dict()
-    args.pop("config", None)
-    return watch(**args)
