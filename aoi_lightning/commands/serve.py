@@ -40,7 +40,7 @@ def read_api_key(api_key_file: str | None) -> str | None:
 def _check_model_dir(model_dir: Path, backend: str) -> None:
     if not model_dir.is_dir():
         raise ServeError(f"--model_dir: run directory not found: {model_dir}")
-    if backend == "onnx":
+    if backend in ("onnx", "openvino"):
         if not ((model_dir / "model.onnx").is_file() or (model_dir / "export" / "model.onnx").is_file()):
             raise ServeError(f"no ONNX export in {model_dir}: create it with `aoi export --run_dir {model_dir}`")
     elif not (model_dir / "weights" / "model.ckpt").is_file():
@@ -86,7 +86,7 @@ def _stop_on_signals(server) -> None:
 
 def serve(
     model_dir: str,
-    backend: Literal["torch", "onnx"] = "torch",
+    backend: Literal["torch", "onnx", "openvino"] = "torch",
     host: str = "127.0.0.1",
     port: int = 8000,
     max_batch_size: int = 8,
@@ -111,7 +111,8 @@ def serve(
 
     Args:
         model_dir: trained run directory (for onnx, also a folder holding model.onnx and export_meta.json).
-        backend: torch: weights/model.ckpt; onnx: export/model.onnx with ONNX Runtime only (no torch needed).
+        backend: torch: weights/model.ckpt; onnx: export/model.onnx with ONNX Runtime; openvino: export/model.onnx
+            with the OpenVINO runtime (the last two need no torch).
         host: address to listen on: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface).
         port: TCP port (1024-65535).
         max_batch_size: largest batch the dynamic batcher forms from concurrent requests.

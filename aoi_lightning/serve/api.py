@@ -70,7 +70,7 @@ def _versions(backend: str) -> dict:
 
     out = {"python": platform.python_version()}
     names = ["aoi-lightning", "litserve", "numpy", "opencv-python-headless"]
-    names += ["onnxruntime"] if backend == "onnx" else ["torch", "lightning"]
+    names += {"onnx": ["onnxruntime"], "openvino": ["openvino"]}.get(backend, ["torch", "lightning"])
     for name in names:
         try:
             out[name] = version(name)
@@ -161,7 +161,7 @@ class InspectionAPI(ls.LitAPI):
     def model_identity(self) -> dict:
         """Model, category, run id, back end and the sha256 of the file the model was loaded from."""
         model_dir = Path(self.model_dir).expanduser()
-        if self.backend == "onnx":
+        if self.backend in ("onnx", "openvino"):
             from aoi_lightning.inference.onnx_backend import EXPORT_DIR, ONNX_FILE
 
             file = model_dir / ONNX_FILE if (model_dir / ONNX_FILE).is_file() else model_dir / EXPORT_DIR / ONNX_FILE
