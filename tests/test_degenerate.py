@@ -444,3 +444,21 @@ def test_checkpoint_records_its_input_size_and_agrees_with_its_own_config(patchc
     assert structural_differences(ckpt, run / "weights" / "model.ckpt", config["model"], 96) == [
         ("data.image_size", SIZE, 96)
     ]
+
+
+def test_run_directory_whose_config_disagrees_with_its_checkpoint_is_refused(patchcore_run: Path, tmp_path) -> None:
+    """`aoi run` and the other run-directory commands build the input from config.yaml: an edited size is refused."""
+    import yaml
+
+    from aoi_lightning.rundir.loading import RunError, load_run_model
+
+    run = Path(shutil.copytree(patchcore_run, tmp_path / "run", ignore=shutil.ignore_patterns("predictions", "eval")))
+    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    config["data"]["image_size"] = 96
+    (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    with pytest.raises(RunError) as info:
+        load_run_model(run)
+    assert str(info.value) == (
+        f"{run / 'weights' / 'model.ckpt'} was fitted with data.image_size 64 ({run / 'config.yaml'} has 96): "
+        "use the config.yaml of the checkpoint's own run or fit a new model"
+    )

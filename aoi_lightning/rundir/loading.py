@@ -199,6 +199,18 @@ def _value_text(value) -> str:
     return "null" if value is None else str(value)
 
 
+def _refuse_differences(ckpt: dict, ckpt_path: str | Path, model_config: dict, image_size, config_name: str) -> None:
+    """RunError naming each structural difference with both values (one line)."""
+    differences = structural_differences(ckpt, ckpt_path, model_config, image_size)
+    if differences:
+        text = "; ".join(
+            f"{key} {_value_text(theirs)} ({config_name} has {_value_text(ours)})" for key, theirs, ours in differences
+        )
+        raise RunError(
+            f"{ckpt_path} was fitted with {text}: use the config.yaml of the checkpoint's own run or fit a new model"
+        )
+
+
 def check_checkpoint_for_config(
     ckpt_path: str | Path,
     config_class_path: str,
@@ -225,16 +237,7 @@ def check_checkpoint_for_config(
             "use the config.yaml of the checkpoint's own run"
         )
     if model_config is not None:
-        differences = structural_differences(ckpt, ckpt_path, model_config, image_size)
-        if differences:
-            text = "; ".join(
-                f"{key} {_value_text(theirs)} (the command's config has {_value_text(ours)})"
-                for key, theirs, ours in differences
-            )
-            raise RunError(
-                f"{ckpt_path} was fitted with {text}: use the config.yaml of the checkpoint's own run "
-                "or fit a new model"
-            )
+        _refuse_differences(ckpt, ckpt_path, model_config, image_size, "the command's config")
     run = RunDir.from_checkpoint(ckpt_path)
     state = ckpt.get("state_dict") or {}
     keys = ("image_threshold", "pixel_threshold")
@@ -317,7 +320,8 @@ def load_run_model(
     it was recorded, it is built from config.yaml's `data.image_size` and the backbone's normalisation.
 
     Raises:
-        RunError: missing run or checkpoint, a checkpoint of another model than config.yaml names, no thresholds.
+        RunError: missing run or checkpoint, a checkpoint of another model or structure (backbone, layers, tiling,
+            input size) than config.yaml names, no thresholds.
     """
     info = read_run_info(run_dir)
     model = load_checkpoint_model(info.run.checkpoint, device)
@@ -328,6 +332,13 @@ def load_run_model(
             f"{info.run.checkpoint} holds a {_model_label(have)} model, but {info.run.config} names "
             f"{_model_label(want)}: the checkpoint belongs to another run"
         )
+    _refuse_differences(
+        read_checkpoint(info.run.checkpoint, mmap=True),
+        info.run.checkpoint,
+        info.config.get("model") or {},
+        (info.config.get("data") or {}).get("image_size"),
+        str(info.run.config),
+    )
     _apply_search_settings(model, info.config)
     if model.preprocessing is None:  # a checkpoint written before it recorded its preprocessing
         model.preprocessing = model.make_preprocessing(info.image_size)
