@@ -15,6 +15,7 @@ from aoi_lightning.rundir.scoring import score_loader
 from aoi_lightning.thresholds.search import (
     best_f1_threshold,
     best_pixel_threshold,
+    check_score_spread,
     conformal_threshold,
     quantile_threshold,
 )
@@ -36,6 +37,13 @@ class ThresholdTuning(pl.Callback):
     Fallbacks (logged as warnings, recorded in thresholds.json `note`): a validation split with only good
     images uses the conformal rule with `alpha` on them; a split with only defective images takes the pixel
     threshold from pixel F1 and the image threshold from the good training images' conformal bound.
+
+    Tie rule: NG when `score > threshold`, defective pixel when `value > threshold`; thresholds taken from an
+    observed good score (conformal, quantile 1.0) therefore accept that score.
+
+    A model that gives every image of the split it is tuned on the same score (in float32) cannot separate
+    anything: the fit stops with a one-line `DegenerateScoresError` before any threshold, `thresholds.json` or
+    checkpoint is written, so the run directory holds no usable model.
     """
 
     def __init__(
@@ -82,6 +90,8 @@ class ThresholdTuning(pl.Callback):
             return self._from_train(trainer, pl_module, note="validation split has no labelled images")
         scores = torch.tensor([r["pred_score"] for r in recs], dtype=torch.float64)
         labels = torch.tensor([r["gt_label"] for r in recs])
+        if self.method != "quantile":
+            check_score_spread(scores.numpy(), "validation image")
         maxima = torch.tensor([r["map_max"] for r in recs], dtype=torch.float64)
         n_good, n_bad = int((labels == 0).sum()), int((labels == 1).sum())
         if self.method == "quantile":
@@ -150,6 +160,7 @@ class ThresholdTuning(pl.Callback):
         records, maxima = score_loader(pl_module.model, datamodule.train_eval_dataloader(), pl_module.device)
         pl_module.train_records = records  # reused for preds_train.jsonl instead of scoring the images again
         scores = torch.tensor([r["pred_score"] for r in records], dtype=torch.float64)
+        check_score_spread(scores.numpy(), "training image")
         if conformal or self.method == "conformal":
             info = self._conformal(scores, torch.tensor(maxima, dtype=torch.float64), "train", len(records), note)
             return info

@@ -120,12 +120,12 @@ def test_threshold_metrics_appear_with_finite_thresholds() -> None:
     m = collector.metrics(("test",), image_threshold=image_t, pixel_threshold=pixel_t)
     sel = [it for it in items if it["split"] == "test"]
     y = np.array([it["label"] for it in sel])
-    pred = np.array([np.float32(it["score"]) >= image_t for it in sel])
+    pred = np.array([np.float32(it["score"]) > image_t for it in sel])  # strict tie rule
     assert m["image_f1"] == pytest.approx(f1_score(y, pred), abs=1e-12)
     assert m["false_reject_rate"] == pytest.approx(np.mean(pred[y == 0]), abs=1e-12)
     assert m["escape_rate"] == pytest.approx(np.mean(~pred[y == 1]), abs=1e-12)
     gt = np.concatenate([it["mask"].ravel() > 0 for it in sel])
-    px = np.concatenate([it["map"].ravel() >= pixel_t for it in sel])
+    px = np.concatenate([it["map"].ravel() > pixel_t for it in sel])
     tp, fp, fn = (px & gt).sum(), (px & ~gt).sum(), (~px & gt).sum()
     assert m["pixel_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-12)
     assert m["pixel_iou"] == pytest.approx(tp / (tp + fp + fn), abs=1e-12)

@@ -133,13 +133,13 @@ def test_growing_range_equals_seeing_everything_at_once() -> None:
 
 @pytest.mark.parametrize("top", [256.0, 255.9, 1.0e-6, 3.0e5])
 def test_largest_value_is_inside_the_range(top: float) -> None:
-    """The maximum is never clamped into the last bin: edge(bin(v)) <= v < edge(bin(v)) + width."""
+    """The maximum is never clamped into the last bin: edge(bin(v)) < v <= edge(bin(v)) + width."""
     hist = PixelHistograms(num_bins=256)
     values = torch.tensor([[0.0, top / 3], [top / 2, top]], dtype=torch.float32)
     hist.update("g", values, torch.zeros(2, 2, dtype=torch.bool))
     v = float(values.max())
     idx = int(hist.bin_index(torch.tensor([v])))
-    assert idx * hist.width <= v < (idx + 1) * hist.width
+    assert idx * hist.width < v <= (idx + 1) * hist.width
     assert hist.width <= 2 * v / hist.num_bins  # and the grid is not wastefully coarse
 
 
@@ -171,8 +171,8 @@ def test_best_bin_matches_brute_force_over_edges(metric: str) -> None:
         val = 2 * tp / (2 * tp + fp + fn) if metric == "f1" else tp / (tp + fp + fn)
         if val >= best_val:
             best_val, best_idx = val, j
-        # a bin edge threshold is exact: bin >= j  <=>  value >= edge
-        assert (s[pred] >= edge).all() and (s[~pred] < edge).all()
+        # a bin edge threshold is exact for the strict rule: bin >= j  <=>  value > edge (edge 0: values > 0)
+        assert (s[pred] > edge).all() and (s[~pred] <= edge).all()
     index, value = best_bin(hist, metric)
     assert index == best_idx
     assert value == pytest.approx(best_val, abs=1e-12)

@@ -35,8 +35,9 @@ def test_best_f1_matches_sklearn_precision_recall_curve(seed: int) -> None:
     res = best_f1_threshold(torch.from_numpy(scores), torch.from_numpy(labels))
     assert res.metric == "f1"
     assert res.value == pytest.approx(_sklearn_best_f1(scores, labels), abs=1e-12)
-    # the threshold reaches that F1 under the NG rule `score >= threshold`
-    assert f1_score(labels, scores >= res.threshold) == pytest.approx(res.value, abs=1e-12)
+    # the threshold reaches that F1 under the NG rule `score > threshold`
+    assert f1_score(labels, scores > res.threshold) == pytest.approx(res.value, abs=1e-12)
+    assert res.threshold == float(np.float32(res.threshold))  # survives the float32 threshold buffer
 
 
 def test_best_f1_threshold_lies_between_distinct_scores() -> None:
@@ -44,7 +45,7 @@ def test_best_f1_threshold_lies_between_distinct_scores() -> None:
     labels = torch.tensor([0, 0, 0, 1, 1])
     res = best_f1_threshold(scores, labels)
     assert res.value == 1.0
-    assert 0.3 < res.threshold <= 0.8
+    assert 0.3 <= res.threshold < 0.8
     assert res.threshold == pytest.approx(0.55)  # midway: robust to small score shifts
 
 
@@ -66,7 +67,7 @@ def test_best_f1_threshold_robust_when_everything_is_ng() -> None:
     res = best_f1_threshold(scores, labels)
     assert res.value == pytest.approx(0.8)
     shifted = scores.double() * (1 - 1e-6)  # a relative change far below any score gap
-    assert bool((shifted >= res.threshold).all()), f"threshold {res.threshold!r} is not below the lowest score"
+    assert bool((shifted > res.threshold).all()), f"threshold {res.threshold!r} is not below the lowest score"
 
 
 def test_best_f1_needs_both_classes() -> None:
@@ -82,7 +83,7 @@ def test_best_pixel_threshold_is_a_bin_edge() -> None:
     hist.update("g", amap, mask)
     res = best_pixel_threshold(hist.merged(), hist.edges(), "f1")
     assert res.value == pytest.approx(1.0)
-    pred = amap >= res.threshold
+    pred = amap > res.threshold  # strict rule: the edge is exact for it
     assert bool((pred == mask).all())
     with pytest.raises(ValueError):
         best_pixel_threshold(PixelHistograms(num_bins=8).merged(), torch.zeros(8), "f1")
@@ -91,7 +92,13 @@ def test_best_pixel_threshold_is_a_bin_edge() -> None:
 @pytest.mark.parametrize("q", [0.5, 0.9, 0.99, 1.0])
 def test_quantile_threshold_matches_numpy(q: float) -> None:
     values = np.random.default_rng(0).gamma(2.0, 3.0, size=137)
-    assert quantile_threshold(torch.from_numpy(values), q) == pytest.approx(float(np.quantile(values, q)), rel=1e-12)
+    exact = float(np.quantile(values, q))
+    t = quantile_threshold(torch.from_numpy(values), q)
+    # rounded up to float32 (the threshold buffer's precision): the quantile itself is not rejected by `s > t`
+    assert t == float(np.float32(t)) and t >= exact
+    assert float(np.nextafter(np.float32(t), np.float32(-np.inf))) < exact
+    if q == 1.0:
+        assert not (values.max() > t)
 
 
 @pytest.mark.parametrize(("values", "q"), [(np.array([]), 0.5), (np.array([1.0]), 0.0), (np.array([1.0]), 1.5)])
@@ -104,7 +111,7 @@ def test_conformal_threshold_rank_and_tie_rule() -> None:
     scores = np.arange(1.0, 20.0)  # n = 19, alpha 0.1: k = ceil(20 * 0.9) = 18
     t, guaranteed = conformal_threshold(scores, 0.1)
     assert guaranteed
-    assert 18.0 < t < 18.0 + 1e-9  # just above the 18th smallest score: a score equal to it stays OK
+    assert t == 18.0  # the 18th smallest score itself: under `s > t` a score equal to it stays OK
     _, small = conformal_threshold(np.arange(5.0), 0.1)  # n = 5 < 1/alpha - 1
     assert not small
     with pytest.raises(ValueError):
@@ -124,7 +131,7 @@ def test_conformal_false_reject_rate_bounded_over_repeated_draws(n: int, alpha: 
         fresh = rng.gamma(2.0, 1.5, size=2000)
         t, guaranteed = conformal_threshold(calibration, alpha)
         assert guaranteed
-        frr[i] = np.mean(fresh >= t)
+        frr[i] = np.mean(fresh > t)
     k = math.ceil((n + 1) * (1 - alpha))
     assert frr.mean() <= alpha
     assert frr.mean() == pytest.approx(1 - k / (n + 1), abs=0.01)  # the exact expectation of the rank rule

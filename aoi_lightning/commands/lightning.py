@@ -129,8 +129,9 @@ class AoiCLI(LightningCLI):
             keys = option_keys(subparsers[sub] if sub else parser)
             raise OptionError(one_line(str(exc), keys, classes={"model": model_class_names()})) from exc
         # LightningCLI next takes the model's hyper-parameters from --ckpt_path, silently replacing the model
-        # class of the config: a checkpoint of another model, an unsafe or damaged file, or one whose run's
-        # thresholds.json disagrees with it is refused first, with one line.
+        # class of the config: a checkpoint of another model or structure (backbone, layers, tiling, input size),
+        # an unsafe or damaged file, or one whose run's thresholds.json disagrees with it is refused first, with
+        # one line, before anything is created or written.
         subcommand = self.config.get("subcommand")
         if subcommand and subcommand != "fit":
             cfg = self.config[subcommand]
@@ -138,7 +139,13 @@ class AoiCLI(LightningCLI):
             if ckpt and Path(ckpt).is_file():
                 from aoi_lightning.rundir.loading import check_checkpoint_for_config
 
-                check_checkpoint_for_config(ckpt, str(cfg.model.class_path), "the config (--config / --model)")
+                check_checkpoint_for_config(
+                    ckpt,
+                    str(cfg.model.class_path),
+                    "the config (--config / --model)",
+                    model_config=cfg.model.as_dict(),
+                    image_size=cfg.data.get("image_size"),
+                )
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]

@@ -88,8 +88,13 @@ def check_consistency(
         onnx_path: exported graph.
         images: model inputs (N, 3, H, W) float in [0, 1] (torch or numpy), or an iterable of such batches
             (e.g. `image_batches`).
-        pixel_threshold: pixel threshold for the masks (NaN: IoU not checked).
-        score_mae, map_mae: largest allowed mean absolute errors; mask_iou: smallest allowed IoU.
+        pixel_threshold: pixel threshold for the masks (NaN: IoU not checked). A pixel is in a mask when its map
+            value is `> pixel_threshold` (the product's tie rule).
+        score_mae, map_mae: largest allowed mean absolute errors; mask_iou: smallest allowed IoU. The masks are
+            compared only where the decision is not a tie at the map tolerance: pixels whose torch map value lies
+            within `map_mae` of the threshold (|value - threshold| <= map_mae) are left out of the IoU (counted
+            in `mask_pixels_tied`), since a difference the map check allows may flip them either way. A real
+            disagreement still fails: the map MAE, and the IoU over every other pixel.
         batch_size: batch size when `images` is one tensor.
         device: `cpu` or `cuda` for ONNX Runtime's execution provider.
 
@@ -105,7 +110,7 @@ def check_consistency(
     n = 0
     score_abs = map_abs = 0.0
     score_max = map_max = 0.0
-    map_count = inter = union = torch_pixels = onnx_pixels = 0
+    map_count = inter = union = torch_pixels = onnx_pixels = tied = 0
     torch_s = onnx_s = 0.0
     torch_model.eval()
     for batch in _batches(images, batch_size):
@@ -138,7 +143,9 @@ def check_consistency(
         map_count += d_map.size
         n += batch.shape[0]
         if check_iou:
-            a, b = ref_map >= threshold, got_map >= threshold
+            decided = np.abs(ref_map.astype(np.float64) - threshold) > map_mae
+            tied += int(decided.size - decided.sum())
+            a, b = (ref_map > threshold) & decided, (got_map > threshold) & decided
             inter += int(np.logical_and(a, b).sum())
             union += int(np.logical_or(a, b).sum())
             torch_pixels += int(a.sum())
@@ -157,6 +164,7 @@ def check_consistency(
         "pixel_threshold": threshold if check_iou else None,
         "mask_pixels_torch": torch_pixels,
         "mask_pixels_onnx": onnx_pixels,
+        "mask_pixels_tied": tied if check_iou else None,
         "tolerances": {"score_mae": score_mae, "map_mae": map_mae, "mask_iou": mask_iou},
         "providers": providers,
         "torch_device": str(param.device),

@@ -22,7 +22,8 @@ class EvaluationCollector:
     """Accumulates model outputs of one loop (validation or test).
 
     Image scores and labels are kept per image (small); pixel data only as histograms per
-    `split/defect_type` group, plus exact confusion counts at the current pixel threshold.
+    `split/defect_type` group, plus exact confusion counts at the current pixel threshold (a pixel is
+    defective when its map value is `> threshold`).
     """
 
     num_bins: int = 1 << 16
@@ -62,7 +63,7 @@ class EvaluationCollector:
             mask = batch["mask"][i, 0].cpu() > 0
             self.hist.update(group, maps[i], mask)
             if math.isfinite(pixel_threshold):
-                pred = maps[i] >= pixel_threshold
+                pred = maps[i] > pixel_threshold  # strict tie rule, as thresholds.search
                 counts = self.confusion.setdefault(group, [0.0, 0.0, 0.0])
                 counts[0] += float((pred & mask).sum())
                 counts[1] += float((pred & ~mask).sum())
@@ -138,8 +139,10 @@ def image_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
 
 
 def image_decision_metrics(scores: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict:
-    """F1, precision, recall, accuracy, false-reject rate (good judged NG), escape rate (defect judged OK)."""
-    pred = scores >= threshold
+    """F1, precision, recall, accuracy, false-reject rate (good judged NG), escape rate (defect judged OK).
+
+    An image is NG when `score > threshold` (strict: a good score used as the threshold is OK)."""
+    pred = scores > threshold
     pos = labels == 1
     tp = int((pred & pos).sum())
     fp = int((pred & ~pos).sum())

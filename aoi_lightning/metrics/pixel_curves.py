@@ -2,8 +2,11 @@
 
 Bins have width 2**e and the grid starts at 0 (anomaly maps are distances, never negative). When a value
 beyond the range arrives, the width doubles as often as needed and neighbouring bins are summed, so memory
-is fixed (`num_bins` counts per histogram) whatever the number of pixels. A threshold at a bin edge is exact:
-a pixel is positive at edge j exactly when its bin index is >= j.
+is fixed (`num_bins` counts per histogram) whatever the number of pixels. Bin j holds the values in
+(j * 2**e, (j + 1) * 2**e] (bin 0 also holds 0), so a threshold at a bin edge is exact under the strict rule of
+`aoi_lightning.thresholds.search`: a pixel is defective at edge j (value > edge) exactly when its bin index is
+>= j (edge 0 excepted, which also counts values equal to 0). Edges are small multiples of a power of two, so they
+are exact in float32.
 
 Per group it keeps: negative-pixel counts, positive-pixel counts and, for AUPRO, the per-region overlap mass
 (each ground-truth region's pixels weighted by 1/region area) with the number of regions.
@@ -97,7 +100,9 @@ class PixelHistograms:
         self.exponent = needed
 
     def bin_index(self, values: torch.Tensor) -> torch.Tensor:
-        idx = torch.floor(values.to(torch.float64).clamp_min(0) / self.width).to(torch.int64)
+        """Bin of each value: j such that j * width < value <= (j + 1) * width (0 for values <= 0); exact, the
+        width being a power of two."""
+        idx = torch.ceil(values.to(torch.float64).clamp_min(0) / self.width).to(torch.int64) - 1
         return idx.clamp_(0, self.num_bins - 1)
 
     def update(self, group: str, anomaly_map: torch.Tensor, mask: torch.Tensor) -> None:
@@ -175,14 +180,15 @@ def pixel_aupro(hist: GroupHist, fpr_limit: float = 0.3) -> float:
 
 
 def confusion_at_bin(hist: GroupHist, index: int) -> tuple[float, float, float, float]:
-    """(tp, fp, fn, tn) when pixels with bin >= index are called defective."""
+    """(tp, fp, fn, tn) when pixels with bin >= index (value > edge `index`) are called defective."""
     tp = float(hist.pos[index:].sum())
     fp = float(hist.neg[index:].sum())
     return tp, fp, float(hist.pos.sum()) - tp, float(hist.neg.sum()) - fp
 
 
 def best_bin(hist: GroupHist, metric: str = "f1") -> tuple[int, float]:
-    """Bin edge index maximising pixel F1 or IoU; returns (index, value). Ties: the highest threshold."""
+    """Bin edge index maximising pixel F1 or IoU (pixels > the edge defective); returns (index, value).
+    Ties: the highest threshold."""
     tp = _reverse_cumsum(hist.pos)
     fp = _reverse_cumsum(hist.neg)
     fn = float(hist.pos.sum()) - tp

@@ -43,6 +43,9 @@ class AnomalyModule(pl.LightningModule):
         self.deferred_errors: list[Exception] | None = None
         #: Training-image score records when a callback already computed them after the fit (else None).
         self.train_records: list[dict] | None = None
+        #: Input size (h, w) the model was fitted at; saved in the checkpoint so that a command whose config
+        #: asks for another size is refused (`aoi_lightning.rundir.loading.check_checkpoint_for_config`).
+        self.fit_image_size: tuple[int, int] | None = None
         self._synced: set[str] = set()
         #: What the model expects as input: set at fit from the data module, restored from checkpoints.
         self.preprocessing: Preprocessing | None = None
@@ -72,6 +75,8 @@ class AnomalyModule(pl.LightningModule):
         self._fit_images = 0
         self.train_records = None
         self.timings["feature_extraction_s"] = 0.0
+        size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+        self.fit_image_size = (int(size[0]), int(size[1])) if size is not None else None
         self._prepare_fit()
 
     def _prepare_fit(self) -> None:
@@ -213,6 +218,7 @@ class AnomalyModule(pl.LightningModule):
             "threshold_info": self.threshold_info,
             "timings": {k: float(v) for k, v in self.timings.items()},
             "preprocessing": None if self.preprocessing is None else self.preprocessing.to_dict(),
+            "image_size": list(self.fit_image_size) if self.fit_image_size else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -227,3 +233,5 @@ class AnomalyModule(pl.LightningModule):
                 self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
             except PreprocessingError as exc:
                 raise ValueError(f"checkpoint 'aoi.preprocessing': {exc}") from exc
+        size = meta.get("image_size")
+        self.fit_image_size = (int(size[0]), int(size[1])) if size else None

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def decorate(records: list[dict], image_threshold: float) -> list[dict]:
-    """Per-image score records with the OK/NG decision when a threshold exists (internal keys dropped)."""
+    """Per-image score records with the OK/NG decision when a threshold exists (internal keys dropped); NG when
+    `pred_score > image_threshold` (strict tie rule)."""
     out = []
     for rec in records:
         item = {k: v for k, v in rec.items() if k != "map_max"}

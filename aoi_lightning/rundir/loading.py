@@ -98,14 +98,135 @@ def _model_label(class_path: str) -> str:
     return class_path.rsplit(".", 1)[-1].rsplit(":", 1)[-1] or "unknown"
 
 
-def check_checkpoint_for_config(ckpt_path: str | Path, config_class_path: str, config_name: str = "the config") -> None:
+#: Model hyper-parameters that shape the fitted state: a command whose config differs in one of them cannot use the
+#: checkpoint (settings such as `sigma`, `weights`, `search` or `tile_batch` may differ).
+STRUCTURAL_KEYS = ("backbone", "layers", "tile_size", "tile_overlap", "tile_thresholds")
+
+
+def _image_size(value) -> tuple[int, int] | None:
+    """`data.image_size` as (h, w): an int is square; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, int | float | str):
+        return (int(value), int(value))
+    values = [int(v) for v in value]
+    return (values[0], values[-1])
+
+
+def _layers(value) -> tuple[str, ...] | None:
+    return None if value is None else tuple(str(v) for v in value)
+
+
+def _default_layers(class_path: str, backbone: str) -> tuple[str, ...] | None:
+    """The layers `layers: null` resolves to for a model class and backbone (None when unknown)."""
+    target = MODEL_CLASSES.get(class_path)
+    if target is None:
+        return None
+    from aoi_lightning.models.components.feature_extractor import layers_for_strides
+    from aoi_lightning.models.padim.torch_model import PadimModel
+    from aoi_lightning.models.patchcore.torch_model import PatchcoreModel
+
+    strides = (PadimModel if target == _PADIM else PatchcoreModel).default_strides
+    try:
+        return layers_for_strides(backbone, strides)
+    except Exception:  # noqa: BLE001 - an unknown backbone is reported by the backbone comparison
+        return None
+
+
+def _fitted_image_size(ckpt: dict, ckpt_path: str | Path) -> tuple[int, int] | None:
+    """Input size the checkpoint was fitted at: stored in it by `aoi fit`, else its run's config.yaml."""
+    meta = ckpt.get("aoi") if isinstance(ckpt.get("aoi"), dict) else {}
+    if meta.get("image_size"):
+        return _image_size(meta["image_size"])
+    run = RunDir.from_checkpoint(ckpt_path)
+    if run is None:
+        return None
+    try:
+        config = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return _image_size((config.get("data") or {}).get("image_size"))
+
+
+def structural_differences(
+    ckpt: dict, ckpt_path: str | Path, model_config: dict, image_size
+) -> list[tuple[str, object, object]]:
+    """Differences between a checkpoint and a command's config that make the checkpoint unusable with it: model
+    class, backbone, feature layers (`null` resolved to the backbone's default), tiling and input size.
+
+    Args:
+        ckpt: checkpoint content (`read_checkpoint`).
+        ckpt_path: its path (to find its run's config.yaml when the input size is not stored in it).
+        model_config: the command's `model` section: {"class_path": ..., "init_args": {...}}.
+        image_size: the command's `data.image_size` (int or [h, w]; None: not compared).
+
+    Returns:
+        (config key, checkpoint value, command value) for each difference; empty when they agree.
+    """
+    out: list[tuple[str, object, object]] = []
+    want_class = str(model_config.get("class_path", ""))
+    have_class = checkpoint_model_class(ckpt)
+    want, have = MODEL_CLASSES.get(want_class), MODEL_CLASSES.get(have_class)
+    if want is not None and have is not None and want != have:
+        return [("model.class_path", _model_label(have), _model_label(want))]
+    hparams = ckpt.get("hyper_parameters") or {}
+    init = dict(model_config.get("init_args") or {})
+    for key in STRUCTURAL_KEYS:
+        if key not in hparams or key not in init:
+            continue
+        ours, theirs = init[key], hparams[key]
+        if key == "layers":
+            ours, theirs = _layers(ours), _layers(theirs)
+            if (ours is None) != (theirs is None) and init.get("backbone") == hparams.get("backbone"):
+                default = _default_layers(have_class or want_class, str(hparams.get("backbone")))
+                ours, theirs = ours or default, theirs or default
+        if ours != theirs:
+            out.append((f"model.init_args.{key}", theirs, ours))
+    fitted = _fitted_image_size(ckpt, ckpt_path)
+    asked = _image_size(image_size)
+    if fitted is not None and asked is not None and fitted != asked:
+        out.append(("data.image_size", _size_text(fitted), _size_text(asked)))
+    return out
+
+
+def _size_text(size: tuple[int, int]) -> object:
+    return size[0] if size[0] == size[1] else list(size)
+
+
+def _value_text(value) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    return "null" if value is None else str(value)
+
+
+def _refuse_differences(ckpt: dict, ckpt_path: str | Path, model_config: dict, image_size, config_name: str) -> None:
+    """RunError naming each structural difference with both values (one line)."""
+    differences = structural_differences(ckpt, ckpt_path, model_config, image_size)
+    if differences:
+        text = "; ".join(
+            f"{key} {_value_text(theirs)} ({config_name} has {_value_text(ours)})" for key, theirs, ours in differences
+        )
+        raise RunError(
+            f"{ckpt_path} was fitted with {text}: use the config.yaml of the checkpoint's own run or fit a new model"
+        )
+
+
+def check_checkpoint_for_config(
+    ckpt_path: str | Path,
+    config_class_path: str,
+    config_name: str = "the config",
+    model_config: dict | None = None,
+    image_size=None,
+) -> None:
     """Checks of a checkpoint before LightningCLI uses it (tensors mapped, not read): refuse an unsafe or
     damaged file, a checkpoint of another model than the config builds (e.g. a PaDiM checkpoint for a
-    PatchCore config; model classes this package does not know are not compared), and, for a checkpoint at
-    `<run>/weights/model.ckpt`, a `<run>/thresholds.json` that disagrees with its thresholds.
+    PatchCore config; model classes this package does not know are not compared), a checkpoint whose structure
+    (backbone, layers, tiling, input size: `structural_differences`) differs from `model_config` and
+    `image_size`, and, for a checkpoint at `<run>/weights/model.ckpt`, a `<run>/thresholds.json` that disagrees
+    with its thresholds.
 
     Raises:
-        RunError: with a one-line message naming the file.
+        RunError: with a one-line message naming the file (and, for a structural difference, both values).
     """
     ckpt = read_checkpoint(ckpt_path, mmap=True)
     want = MODEL_CLASSES.get(str(config_class_path))
@@ -115,6 +236,8 @@ def check_checkpoint_for_config(ckpt_path: str | Path, config_class_path: str, c
             f"{ckpt_path} holds a {_model_label(have)} model, but {config_name} builds {_model_label(want)}: "
             "use the config.yaml of the checkpoint's own run"
         )
+    if model_config is not None:
+        _refuse_differences(ckpt, ckpt_path, model_config, image_size, "the command's config")
     run = RunDir.from_checkpoint(ckpt_path)
     state = ckpt.get("state_dict") or {}
     keys = ("image_threshold", "pixel_threshold")
@@ -197,7 +320,8 @@ def load_run_model(
     it was recorded, it is built from config.yaml's `data.image_size` and the backbone's normalisation.
 
     Raises:
-        RunError: missing run or checkpoint, a checkpoint of another model than config.yaml names, no thresholds.
+        RunError: missing run or checkpoint, a checkpoint of another model or structure (backbone, layers, tiling,
+            input size) than config.yaml names, no thresholds.
     """
     info = read_run_info(run_dir)
     model = load_checkpoint_model(info.run.checkpoint, device)
@@ -208,6 +332,13 @@ def load_run_model(
             f"{info.run.checkpoint} holds a {_model_label(have)} model, but {info.run.config} names "
             f"{_model_label(want)}: the checkpoint belongs to another run"
         )
+    _refuse_differences(
+        read_checkpoint(info.run.checkpoint, mmap=True),
+        info.run.checkpoint,
+        info.config.get("model") or {},
+        (info.config.get("data") or {}).get("image_size"),
+        str(info.run.config),
+    )
     _apply_search_settings(model, info.config)
     if model.preprocessing is None:  # a checkpoint written before it recorded its preprocessing
         model.preprocessing = model.make_preprocessing(info.image_size)

@@ -48,6 +48,9 @@ class PadimModel(AnomalyTorchModel):
 
     dynamic_buffers = ()  # GaussianStats sizes its own buffers on load
 
+    #: Strides of the default feature layers (`layers: null`).
+    default_strides: tuple[int, ...] = (4, 8, 16)
+
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
@@ -70,7 +73,7 @@ class PadimModel(AnomalyTorchModel):
             tile_thresholds=tile_thresholds,
             tile_batch=tile_batch,
         )
-        layers = tuple(layers) if layers else layers_for_strides(backbone, (4, 8, 16))
+        layers = tuple(layers) if layers else layers_for_strides(backbone, self.default_strides)
         self.feature_extractor = FeatureExtractor(backbone, layers, weights)
         total = sum(self.feature_extractor.channels)
         keep = default_n_features(backbone, total) if n_features is None else min(int(n_features), total)

@@ -23,7 +23,8 @@ class PatchcoreModel(AnomalyTorchModel):
         layers: feature layers; None picks the deepest layer at strides 8 and 16.
         weights: see `FeatureExtractor`.
         coreset_ratio: fraction of the patches kept in the memory bank (1.0: all).
-        num_neighbors: neighbourhood size of the image-score reweighting (paper: b).
+        num_neighbors: neighbourhood size of the image-score reweighting (paper: b); clamped to the bank size,
+            and with a neighbourhood of one row the score is not re-weighted (see `_reweight`).
         projection_dim: dimension of the random projection used by the coreset selection.
         seed: seed of the coreset selection.
         bank_dtype: `float32` or `float16` storage of the memory bank.
@@ -43,6 +44,9 @@ class PatchcoreModel(AnomalyTorchModel):
     dynamic_buffers = ("memory_bank",)
     score_is_map_max = False
     fit_combination = "gather"
+
+    #: Strides of the default feature layers (`layers: null`).
+    default_strides: tuple[int, ...] = (8, 16)
 
     def __init__(
         self,
@@ -72,6 +76,8 @@ class PatchcoreModel(AnomalyTorchModel):
         )
         if not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        if isinstance(num_neighbors, bool) or int(num_neighbors) != num_neighbors or num_neighbors < 1:
+            raise ValueError(f"num_neighbors must be an integer >= 1, got {num_neighbors!r}")
         if bank_dtype not in ("float32", "float16"):
             raise ValueError(f"bank_dtype must be 'float32' or 'float16', got {bank_dtype!r}")
         if search not in ("faiss", "torch"):
@@ -79,7 +85,7 @@ class PatchcoreModel(AnomalyTorchModel):
         index_options(index, index_params)  # ValueError naming the bad index or parameter
         if search == "torch" and index != "flat":
             raise ValueError(f"index {index!r} needs search='faiss' (search='torch' is always exact)")
-        layers = tuple(layers) if layers else layers_for_strides(backbone, (8, 16))
+        layers = tuple(layers) if layers else layers_for_strides(backbone, self.default_strides)
         self.feature_extractor = FeatureExtractor(backbone, layers, weights)
         self.coreset_ratio = coreset_ratio
         self.num_neighbors = num_neighbors
@@ -240,22 +246,37 @@ class PatchcoreModel(AnomalyTorchModel):
         return InferenceOutput(pred_score=pred_score, anomaly_map=anomaly_map)
 
     def _reweight(self, patches: torch.Tensor, patch_scores: torch.Tensor, nn_index: torch.Tensor) -> torch.Tensor:
-        """Image score of the PatchCore paper (eq. 7): the max patch score, down-weighted when the matched
-        bank patch lies in a dense neighbourhood.
+        """Image score of the PatchCore paper (Roth et al. 2022, eq. 7): the max patch score s* = ||m_test - m*||,
+        down-weighted when the matched bank patch m* lies in a dense neighbourhood:
+
+            s = (1 - exp(d_1) / sum_{j=1..k} exp(d_j)) * s*,   d_j = ||m_test - n_j||,
+
+        with n_1 = m*, n_2..n_k its nearest bank rows (N_b(m*), b = `num_neighbors`, m* included as in the
+        reference implementations). Since m* is the bank row nearest to m_test, d_1 <= d_j for every j, so the
+        fraction lies in (0, 1/k] and the weight in [1 - 1/k, 1).
+
+        Small banks: k is clamped to the bank size (N_b cannot hold more rows than the bank). With k = 1 (a bank
+        of one row, or `num_neighbors` <= 1) the neighbourhood is m* alone: the fraction is exp(d_1)/exp(d_1) = 1
+        whatever the image, the weight is identically 0 and the formula carries no information (every image
+        would score 0). There the weight is undefined and the un-weighted score s* is returned (weight 1, the
+        limit of the bound 1 - 1/k as the neighbourhood grows); for k >= 2 the weight is well defined.
 
         Args:
             patches: (B, P, D) patch features.
             patch_scores: (B, P) nearest-neighbour distances.
             nn_index: (B, P) index of each patch's nearest bank row.
+
+        Returns:
+            (B,) image scores, finite and >= 0.
         """
         batch = patches.shape[0]
         arange = torch.arange(batch, device=patches.device)
         max_pos = patch_scores.argmax(dim=1)
         score = patch_scores[arange, max_pos]  # (B,)
-        if self.num_neighbors <= 1:
+        k = min(int(self.num_neighbors), int(self.memory_bank.shape[0]))
+        if k <= 1:  # the neighbourhood is m* alone: weight undefined, un-weighted score
             return score
         bank = self.memory_bank.to(torch.float32)
-        k = min(self.num_neighbors, bank.shape[0])
         test_patch = patches[arange, max_pos]  # (B, D)
         matched = bank[nn_index[arange, max_pos]]  # (B, D)
         _, support = self.nearest(matched, k)  # (B, k): the matched row and its k-1 neighbours
