@@ -77,8 +77,8 @@ def _png(fig) -> bytes:
 
 
 def _operating_point(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[float, float, float]:
-    """(fpr, tpr = recall, precision) at "NG when score >= threshold"."""
-    pred = scores >= threshold
+    """(fpr, tpr = recall, precision) at "NG when score > threshold, the product's tie rule"."""
+    pred = scores > threshold
     pos, neg = labels == 1, labels == 0
     tp, fp = float((pred & pos).sum()), float((pred & neg).sum())
     return fp / max(neg.sum(), 1), tp / max(pos.sum(), 1), tp / (tp + fp) if tp + fp else 1.0
