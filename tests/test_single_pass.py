@@ -102,6 +102,24 @@ def test_gallery_maps_hold_every_picture_the_gallery_can_show(seed: int) -> None
             assert score == rec["pred_score"] and amap.shape == (4, 4) and amap[0, 0] == np.float32(score)
 
 
+def test_gallery_maps_merged_over_ranks_keep_each_image_once() -> None:
+    """What DDP does: every rank's keeper (this rank's own as a pickled copy too) merged into this rank's one."""
+    import pickle
+
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=24)
+
+    def keeper(indices) -> GalleryMaps:
+        k = GalleryMaps(3)
+        k.update([f"{i}.png" for i in indices], [i % 2 for i in indices], ["test"] * len(indices),
+                 scores[indices], np.stack([np.full((4, 4), scores[i], np.float32) for i in indices]))  # fmt: skip
+        return k
+
+    whole, first, second = keeper(np.arange(24)), keeper(np.arange(12)), keeper(np.arange(12, 24))
+    first.merge_from([pickle.loads(pickle.dumps(first)), second])  # all_gather returns a copy of its own share
+    assert sorted(first.maps()) == sorted(whole.maps()) and len(first) == len(whole) == 6
+
+
 def test_html_report_gallery_needs_no_second_forward_pass(
     aoi_cli, tiny_fit_argv, tiny_mvtec_root: Path, tmp_path: Path, monkeypatch
 ) -> None:

@@ -104,13 +104,17 @@ class GalleryMaps:
                 heapq.heapreplace(heap, item)
 
     def merge_from(self, others: list[GalleryMaps]) -> None:
-        """Take in the maps of other keepers (e.g. the other ranks' shares); the bound still holds."""
+        """Take in the maps of other keepers (e.g. every rank's share, this one's own copy included); the bound
+        still holds and an image is kept once (items are ordered by key, then counter, then the unique path, so
+        two items never compare their maps)."""
         for other in others:
             if other is self:
                 continue
             for (split, label), heap in other._heaps.items():
                 mine = self._heaps.setdefault((split, label), [])
                 for item in heap:
+                    if any(kept[2] == item[2] for kept in mine):
+                        continue
                     if len(mine) < self.size:
                         heapq.heappush(mine, item)
                     elif item[0] > mine[0][0]:
