@@ -149,3 +149,12 @@ def output_name(image_path: str | Path, root: str | Path | None = None) -> str:
         return friendly
     digest = hashlib.sha1(str(path if outside else rel.as_posix()).encode("utf-8", "surrogatepass")).hexdigest()[:10]
     return f"{friendly[:_MAX_NAME]}-{digest}"
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

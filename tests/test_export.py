@@ -19,7 +19,7 @@ from aoi_lightning.cli import main
 from aoi_lightning.data.preprocess import Preprocessing
 from aoi_lightning.export.consistency import ConsistencyFailed, check_consistency
 from aoi_lightning.export.onnx_export import META_FILE, MODEL_FILE, ExportError, export_onnx, onnx_input_size
-from aoi_lightning.models.components.weights import sha256_of
+from aoi_lightning.fileio import sha256_of
 from aoi_lightning.models.padim.torch_model import PadimModel
 from aoi_lightning.models.patchcore.torch_model import PatchcoreModel
 

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from aoi_lightning.data.preprocess import Preprocessing
+from aoi_lightning.fileio import sha256_of
 from aoi_lightning.models.components.base import AnomalyTorchModel
-from aoi_lightning.models.components.weights import sha256_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -20,9 +20,8 @@ import onnx
 import torch
 
 from aoi_lightning.data.preprocess import INTERPOLATIONS, Preprocessing
-from aoi_lightning.fileio import dumps, read_json, write_json
+from aoi_lightning.fileio import dumps, read_json, sha256_of, write_json
 from aoi_lightning.models.components.base import AnomalyTorchModel, InferenceOutput
-from aoi_lightning.models.components.weights import sha256_of
 from aoi_lightning.rundir.meta import package_versions, utc_now
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import logging
 import os
 import platform
@@ -27,7 +26,7 @@ import cv2
 import litserve as ls
 import numpy as np
 
-from aoi_lightning.fileio import dumps, write_json
+from aoi_lightning.fileio import dumps, sha256_of, write_json
 from aoi_lightning.inference.folder import LoadedImage, load_image, load_predictor
 from aoi_lightning.postprocess.prediction import OutputOptions, postprocess_prediction
 from aoi_lightning.serve.audit import AuditLog
@@ -55,14 +54,6 @@ def error_body(status: int, kind: str, message: str, request_id: str | None = No
     if request_id:
         body["request_id"] = request_id
     return json_response(body, status, request_id, headers)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _versions(backend: str) -> dict:
@@ -175,7 +166,7 @@ class InspectionAPI(ls.LitAPI):
             "run_id": self.predictor.run_id,
             "backend": self.backend,
             "model_file": file.name,
-            "sha256": _sha256(file),
+            "sha256": sha256_of(file),
         }
 
     def info(self) -> dict:

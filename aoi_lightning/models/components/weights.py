@@ -5,7 +5,6 @@ The only import-time dependency is torch; timm and the weights package are impor
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import re
 from collections import OrderedDict
@@ -13,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from aoi_lightning.fileio import sha256_of
 
 LITE0_BACKBONE = "tf_efficientnet_lite0"
 #: Normalisation of the EfficientNet-Lite family (TensorFlow's lite models): mean = std = 0.5.
@@ -100,15 +101,6 @@ class WeightsError(RuntimeError):
     """Raised when backbone weights cannot be found or do not fit the backbone."""
 
     key = "model.weights"
-
-
-def sha256_of(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def package_weights(backbone: str) -> PackageWeights:
