@@ -12,12 +12,13 @@ from aoi_lightning.callbacks.onnx_export import OnnxExport, fit_export, fit_prep
 from aoi_lightning.export.consistency import (
     DEFAULT_IOU_TOL,
     DEFAULT_MAP_TOL,
+    DEFAULT_SAMPLE_SIZE,
     DEFAULT_SCORE_TOL,
     ConsistencyError,
     ConsistencyFailed,
     check_consistency,
-    evenly_spread,
     image_batches,
+    spread_over_defect_types,
     summary_line,
 )
 from aoi_lightning.export.onnx_export import CONSISTENCY_FILE
@@ -28,13 +29,20 @@ log = logging.getLogger(__name__)
 
 
 class OnnxConsistencyCheck(pl.Callback):
-    """Checks the ONNX export of the fit against the torch model on the datamodule's test images (all, or
-    `max_images` of them spread evenly), preprocessed with the model's `Preprocessing`.
+    """Checks the ONNX export of the fit against the torch model on a representative sample of the datamodule's
+    test images, preprocessed with the model's `Preprocessing`.
+
+    The sample: by default at most 16 test images (`DEFAULT_SAMPLE_SIZE`), spread over the defect types, `good`
+    included: one image of each type in turn until the sample is full (every type is present when there are at
+    most 16 types), evenly spaced within each type (`spread_over_defect_types`). A test set of at most
+    `max_images` images is checked whole; `max_images: null` checks every test image. `consistency.json`
+    records `num_images` (checked), `num_available` (test images) and `sample` (`"all"` or
+    `"evenly spread over defect types"`).
 
     Uses the export of an `OnnxExport` callback (in any order), or exports itself when there is none.
 
     Args:
-        max_images: test images to use, spread evenly over the test set (default: all).
+        max_images: largest number of test images to check (default 16); null: all.
         score_tol: largest image-score mean absolute error.
         map_tol: largest anomaly-map mean absolute error.
         iou_tol: smallest IoU of the masks at the pixel threshold.
@@ -44,7 +52,7 @@ class OnnxConsistencyCheck(pl.Callback):
 
     def __init__(
         self,
-        max_images: int | None = None,
+        max_images: int | None = DEFAULT_SAMPLE_SIZE,
         score_tol: float = DEFAULT_SCORE_TOL,
         map_tol: float = DEFAULT_MAP_TOL,
         iou_tol: float = DEFAULT_IOU_TOL,
@@ -73,7 +81,8 @@ class OnnxConsistencyCheck(pl.Callback):
         if samples is None:
             raise ConsistencyError("OnnxConsistencyCheck needs a datamodule with test_samples (e.g. MVTecDataModule)")
         # rank zero checks the whole test set (not its DDP shard), made into model inputs as `aoi run` makes them
-        paths = evenly_spread([s.image_path for s in samples], self.max_images)
+        available = [s.image_path for s in samples]
+        paths, sample = spread_over_defect_types(available, self.max_images)
         images = image_batches(paths, fit_preprocessing(trainer, pl_module))
         with model.exact_search():  # the graph searches exactly: an approximate faiss index is not what it checks
             result = check_consistency(
@@ -91,6 +100,8 @@ class OnnxConsistencyCheck(pl.Callback):
                 "model": getattr(pl_module, "model_name", None),
                 "run_id": onnx_path.parent.parent.name,
                 "images": "test folder",
+                "num_available": len(available),
+                "sample": sample,
                 "created_at": utc_now(),
             }
         )

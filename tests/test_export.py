@@ -17,7 +17,12 @@ from onnx import numpy_helper
 from aoi_lightning.callbacks import OnnxConsistencyCheck, OnnxExport
 from aoi_lightning.cli import main
 from aoi_lightning.data.preprocess import Preprocessing
-from aoi_lightning.export.consistency import ConsistencyFailed, check_consistency
+from aoi_lightning.export.consistency import (
+    DEFAULT_SAMPLE_SIZE,
+    ConsistencyFailed,
+    check_consistency,
+    spread_over_defect_types,
+)
 from aoi_lightning.export.onnx_export import META_FILE, MODEL_FILE, ExportError, export_onnx, onnx_input_size
 from aoi_lightning.fileio import sha256_of
 from aoi_lightning.models.padim.torch_model import PadimModel
@@ -186,6 +191,32 @@ def test_consistency_callback_listed_first_uses_the_export_callback(fitted, tmp_
     assert len(calls) == 1  # exported once, by whichever callback came first
     result = json.loads((tmp_path / "run" / "export" / "consistency.json").read_text())
     assert result["status"] == "PASSED" and result["num_images"] == 3
+    assert result["num_available"] == 4 and result["sample"] == "evenly spread over defect types"
+
+
+def test_consistency_callback_max_images_null_checks_every_image(fitted, tmp_path):
+    check = OnnxConsistencyCheck(max_images=None)
+    trainer, module = _fake_fit(tmp_path, fitted("padim"), [check])
+    check.on_fit_end(trainer, module)
+    result = json.loads((tmp_path / "run" / "export" / "consistency.json").read_text())
+    assert (result["num_images"], result["num_available"], result["sample"]) == (4, 4, "all")
+    assert OnnxConsistencyCheck().max_images == DEFAULT_SAMPLE_SIZE == 16
+
+
+def test_sample_spreads_over_every_defect_type():
+    counts = {"good": 40, "broken": 30, "cut": 20, "scratch": 7, "hole": 2, "misplaced": 1}
+    paths = [f"/d/test/{kind}/{k:03d}.png" for kind, n in counts.items() for k in range(n)]
+    chosen, sample = spread_over_defect_types(paths, 16)
+    assert sample == "evenly spread over defect types" and len(chosen) == 16 == len(set(chosen))
+    assert chosen == [p for p in paths if p in chosen]  # the order of the test set is kept
+    per_type = {kind: sum(f"/{kind}/" in p for p in chosen) for kind in counts}
+    # one image of each type per round, in test-set order; misplaced (1) and hole (2) run out early
+    assert per_type == {"good": 4, "broken": 3, "cut": 3, "scratch": 3, "hole": 2, "misplaced": 1}
+    assert "/d/test/good/000.png" in chosen and "/d/test/good/039.png" in chosen  # spread within a type
+    assert spread_over_defect_types(paths, None) == (paths, "all")
+    assert spread_over_defect_types(paths[:5], 16) == (paths[:5], "all")
+    two, _ = spread_over_defect_types(paths, 2)
+    assert [p.split("/")[3] for p in two] == ["good", "broken"]
 
 
 def test_consistency_callback_failure_modes(fitted, tmp_path):
@@ -208,10 +239,15 @@ def trained_run(patchcore_run, tmp_path) -> Path:
     return Path(shutil.copytree(patchcore_run, tmp_path / "run"))
 
 
-def test_fit_callbacks_wrote_export(patchcore_run):
+def test_fit_callbacks_wrote_export(patchcore_run, tiny_mvtec_root):
     export = patchcore_run / "export"
     assert (export / MODEL_FILE).is_file()
-    assert json.loads((export / "consistency.json").read_text())["status"] == "PASSED"
+    check = json.loads((export / "consistency.json").read_text())
+    assert check["status"] == "PASSED"
+    available = len([p for p in (tiny_mvtec_root / "synthetic" / "test").rglob("*.png")])
+    assert check["num_available"] == available
+    assert check["num_images"] == min(available, DEFAULT_SAMPLE_SIZE)
+    assert check["sample"] == ("all" if available <= DEFAULT_SAMPLE_SIZE else "evenly spread over defect types")
     meta = json.loads((export / META_FILE).read_text())
     thresholds = json.loads((patchcore_run / "thresholds.json").read_text())
     assert meta["image_threshold"] == pytest.approx(thresholds["image_threshold"], rel=1e-6)
@@ -224,6 +260,7 @@ def test_commands_exit_codes(trained_run, tmp_path, capsys):
     assert main(["consistency", "--run_dir", str(trained_run), "--max_images", "5"]) == 0
     result = json.loads((trained_run / "export" / "consistency.json").read_text())
     assert result["status"] == "PASSED" and result["num_images"] == 5
+    assert result["sample"] == "evenly spread over defect types" and result["num_available"] > 5
     assert "PASSED" in capsys.readouterr().out
 
     bad = shutil.copytree(trained_run, tmp_path / "bad")

@@ -13,8 +13,8 @@ from aoi_lightning.export.consistency import (
     DEFAULT_SCORE_TOL,
     ConsistencyError,
     check_consistency,
-    evenly_spread,
     image_batches,
+    spread_over_defect_types,
     summary_line,
 )
 from aoi_lightning.export.onnx_export import CONSISTENCY_FILE, MODEL_FILE, onnx_input_size, read_export_meta
@@ -103,7 +103,8 @@ def consistency_run(
             f"{onnx_path} takes {onnx_size[0]}x{onnx_size[1]} images but the run was trained at "
             f"{trained[0]}x{trained[1]}: re-export with `aoi export --run_dir {info.run.path}`"
         )
-    paths = evenly_spread(run_test_image_paths(info.config.get("data") or {}), max_images)
+    available = run_test_image_paths(info.config.get("data") or {})
+    paths, sample = spread_over_defect_types(available, max_images)
     images = image_batches(paths, module.preprocessing, batch_size)
     result = check_consistency(
         module.model,
@@ -129,6 +130,8 @@ def consistency_run(
             "category": info.category,
             "run_id": info.run.path.name,
             "images": "test folder",
+            "num_available": len(available),
+            "sample": sample,
             "created_at": utc_now(),
         }
     )
@@ -151,7 +154,8 @@ def consistency(
 
     Args:
         run_dir: run directory with export/model.onnx (see `aoi export`).
-        max_images: test images to use, spread evenly (null: all).
+        max_images: largest number of test images to check, spread over the defect types as in the end-of-fit
+            check (e.g. 16, its default); null (the default here): all.
         score_tol: largest image-score MAE.
         map_tol: largest anomaly-map MAE.
         iou_tol: smallest mask IoU.

@@ -205,11 +205,52 @@ def summary_line(result: dict) -> str:
 
 
 def evenly_spread(items: Sequence[T], max_images: int | None) -> list[T]:
-    """All `items`, or `max_images` of them spread evenly over the list (first and last included)."""
+    """All `items`, or `max_images` of them spread evenly over the list (first and last included; none for 0)."""
     if max_images is None or int(max_images) >= len(items):
         return list(items)
     count = int(max_images)
+    if count <= 0:
+        return []
     return [items[i] for i in sorted({round(i * (len(items) - 1) / max(count - 1, 1)) for i in range(count)})]
+
+
+#: Test images the end-of-fit check uses by default (`OnnxConsistencyCheck.max_images`; null: all).
+DEFAULT_SAMPLE_SIZE = 16
+SAMPLE_ALL = "all"
+SAMPLE_SPREAD = "evenly spread over defect types"
+
+
+def spread_over_defect_types(paths: Sequence[str | Path], max_images: int | None) -> tuple[list[str], str]:
+    """A representative sample of test images: all of them, or `max_images` spread over the defect types.
+
+    The defect type of an image is the name of its folder (`test/<defect_type>/<image>`, `good` included).
+    Each defect type gets its share in turn (one image per type per round, so every type is present when
+    `max_images` >= the number of types; types with fewer images drop out when exhausted), and within a type the
+    images are spread evenly in the given order (`evenly_spread`). The sample keeps the order of `paths`.
+
+    Args:
+        paths: image files, any order.
+        max_images: largest sample size (>= 1), or None for all.
+
+    Returns:
+        (the chosen paths, `"all"` or `"evenly spread over defect types"`, the `sample` field of
+        `consistency.json`).
+    """
+    items = [str(p) for p in paths]
+    if max_images is None or int(max_images) >= len(items):
+        return items, SAMPLE_ALL
+    groups: dict[str, list[int]] = {}
+    for index, path in enumerate(items):
+        groups.setdefault(Path(path).parent.name, []).append(index)
+    quota = dict.fromkeys(groups, 0)
+    left = int(max_images)
+    while left > 0:
+        for name, members in groups.items():
+            if left > 0 and quota[name] < len(members):
+                quota[name] += 1
+                left -= 1
+    chosen = sorted(i for name, members in groups.items() for i in evenly_spread(members, quota[name]))
+    return [items[i] for i in chosen], SAMPLE_SPREAD
 
 
 def image_batches(
