@@ -94,6 +94,7 @@ class OnnxConsistencyCheck(pl.Callback):
                 self.map_tol,
                 self.iou_tol,
                 device=self.device,
+                total=len(paths),
             )
         result.update(
             {

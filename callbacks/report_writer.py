@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 
 from aoi_lightning import distributed
 from aoi_lightning.postprocess.prediction import module_facts
+from aoi_lightning.progress import phase
 from aoi_lightning.report.build import GalleryMaps, build_report_data, run_facts, write_report
 from aoi_lightning.report.gallery import overlays_from_maps
 
@@ -64,35 +64,34 @@ class HtmlReport(pl.Callback):
         if not metrics:
             log.warning("HtmlReport: the test pass produced no metrics; report.html not written")
             return
-        start = time.perf_counter()
-        model = pl_module.model
-        image_t, pixel_t = float(model.image_threshold), float(model.pixel_threshold)
-        thresholds = dict(getattr(pl_module, "threshold_info", None) or {})
-        thresholds.update(image_threshold=image_t, pixel_threshold=pixel_t)
-        datamodule = trainer.datamodule
-        size = tuple(getattr(datamodule, "image_size", None) or (0, 0))
-        run_dir = Path(trainer.default_root_dir)
-        name = str(getattr(pl_module, "model_name", type(pl_module).__name__.lower()))
-        category = str(getattr(datamodule, "category", ""))
-        kept = self.gallery_maps.maps()
+        with phase("report") as made:
+            model = pl_module.model
+            image_t, pixel_t = float(model.image_threshold), float(model.pixel_threshold)
+            thresholds = dict(getattr(pl_module, "threshold_info", None) or {})
+            thresholds.update(image_threshold=image_t, pixel_threshold=pixel_t)
+            datamodule = trainer.datamodule
+            size = tuple(getattr(datamodule, "image_size", None) or (0, 0))
+            run_dir = Path(trainer.default_root_dir)
+            name = str(getattr(pl_module, "model_name", type(pl_module).__name__.lower()))
+            category = str(getattr(datamodule, "category", ""))
+            kept = self.gallery_maps.maps()
 
-        def overlays(paths: list[str]) -> dict:
-            if not model.has_thresholds:
-                return {}
-            facts = module_facts(pl_module, category, size)
-            return overlays_from_maps({p: kept[p] for p in paths if p in kept}, facts)
+            def overlays(paths: list[str]) -> dict:
+                if not model.has_thresholds:
+                    return {}
+                facts = module_facts(pl_module, category, size)
+                return overlays_from_maps({p: kept[p] for p in paths if p in kept}, facts)
 
-        data = build_report_data(
-            f"{name} / {category} / {run_dir.name}",
-            run_facts(name, category, run_dir, metrics.get("split_policy"), size),
-            metrics,
-            list(pl_module.test_collector.records),
-            thresholds,
-            overlays,
-            mask_suffix=str(getattr(datamodule, "mask_suffix", "_mask")),
-            gallery_size=self.gallery_size,
-        )
-        path = write_report(run_dir, data)
-        seconds = time.perf_counter() - start
-        pl_module.timings["report_html_s"] = seconds
-        log.info("HTML report written to %s (%.1f s)", path, seconds)
+            data = build_report_data(
+                f"{name} / {category} / {run_dir.name}",
+                run_facts(name, category, run_dir, metrics.get("split_policy"), size),
+                metrics,
+                list(pl_module.test_collector.records),
+                thresholds,
+                overlays,
+                mask_suffix=str(getattr(datamodule, "mask_suffix", "_mask")),
+                gallery_size=self.gallery_size,
+            )
+            path = write_report(run_dir, data)
+            made.detail = f"written to {path}"
+        pl_module.timings["report_html_s"] = made.seconds

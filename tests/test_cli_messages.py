@@ -262,3 +262,30 @@ def test_fit_prints_each_log_line_once(tiny_mvtec_root: Path, tmp_path: Path, ti
     assert sum("Seed set to 0" in line for line in lines) == 1, lines
     assert not [line for line in lines if "litlogger" in line or "Tip:" in line]
     assert any("run directory:" in line for line in lines)
+
+
+def test_fit_logs_one_timed_line_per_phase(tiny_mvtec_root: Path, tmp_path: Path, tiny_fit_argv) -> None:
+    """finalize, coreset, ONNX export, consistency check and report: one `<phase>: <s> s (...)` line each, with
+    the seconds that meta.json records."""
+    import re
+
+    argv = tiny_fit_argv("aoi_lightning.models.Patchcore", tiny_mvtec_root, tmp_path / "runs", "phases")
+    res = _aoi(*argv)
+    assert res.returncode == 0, res.stderr[-3000:]
+    pattern = re.compile(r"\b(finalize|coreset|ONNX export|consistency check|report): (\d+\.\d) s(?: \((.*)\))?$")
+    found: dict[str, list[tuple[float, str]]] = {}
+    for line in _lines(res.stderr):
+        match = pattern.search(line)
+        if match:
+            found.setdefault(match[1], []).append((float(match[2]), match[3] or ""))
+    assert sorted(found) == sorted(["finalize", "coreset", "ONNX export", "consistency check", "report"]), found
+    assert all(len(v) == 1 for v in found.values()), found
+    run = tmp_path / "runs" / "patchcore" / "synthetic" / "phases"
+    timings = read_json(run / "meta.json")["timings"]
+    assert found["finalize"][0][0] == pytest.approx(timings["fit_finalize_s"], abs=0.051)
+    assert re.fullmatch(r"Patchcore fitted on \d+ images", found["finalize"][0][1]), found
+    assert re.fullmatch(r"[\d.]+% of [\d,]+ patches: [\d,]+ kept", found["coreset"][0][1]), found
+    consistency = read_json(run / "export" / "consistency.json")
+    assert found["consistency check"][0][1] == f"{consistency['num_images']} images, PASSED"
+    assert found["ONNX export"][0][1].endswith(f"MB, written to {run / 'export' / 'model.onnx'}")
+    assert found["report"][0][1] == f"written to {run / 'report.html'}"

@@ -57,6 +57,7 @@ def _matches(module: str, prefixes: tuple[str, ...]) -> bool:
 #: (modules the rule applies to, modules they must never import, anywhere in the file)
 RULES = [
     (("aoi_lightning.fileio",), ("aoi_lightning", "torch", "lightning", "numpy")),
+    (("aoi_lightning.progress",), ("aoi_lightning", "torch", "lightning", "numpy")),
     (
         (
             "aoi_lightning.models.components",
@@ -106,6 +107,7 @@ RULES = [
 TORCH_FREE = (
     "aoi_lightning.cli",
     "aoi_lightning.fileio",
+    "aoi_lightning.progress",
     "aoi_lightning.data.image_io",
     "aoi_lightning.postprocess",
     "aoi_lightning.inference.folder",

@@ -116,6 +116,7 @@ def consistency_run(
         iou_tol,
         batch_size=batch_size,
         device=device,
+        total=len(paths),
     )
     stale = _stale_thresholds(meta, module.model) + _stale_preprocessing(meta, module)
     if stale:

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from aoi_lightning.fileio import read_json, read_jsonl
+from aoi_lightning.progress import phase
 from aoi_lightning.report.build import OverlaySource, build_report_data, run_facts, write_report
 from aoi_lightning.report.gallery import image_key, prediction_overlays, read_bgr, render_model_overlays
 from aoi_lightning.rundir.loading import RunError, load_run_model, read_run_info
@@ -50,6 +51,14 @@ def report_from_run(run_dir: str | Path, gallery_size: int = 6, device: str = "c
         if run.preds(split).is_file():
             records.extend(read_jsonl(run.preds(split)))
     thresholds = read_json(run.thresholds) if run.thresholds.is_file() else dict(metrics.get("thresholds") or {})
+    with phase("report") as made:
+        path = _build_and_write(info, metrics, records, thresholds, gallery_size, device)
+        made.detail = f"written to {path}"
+    return path
+
+
+def _build_and_write(info, metrics: dict, records: list[dict], thresholds: dict, gallery_size: int, device: str):
+    run = info.run
     data_cfg = info.config.get("data") or {}
     facts = run_facts(info.model_name, info.category, run.path, metrics.get("split_policy"), info.image_size)
     data = build_report_data(

@@ -15,6 +15,7 @@ import torch
 from aoi_lightning.data.preprocess import Preprocessing
 from aoi_lightning.fileio import sha256_of
 from aoi_lightning.models.components.base import AnomalyTorchModel
+from aoi_lightning.progress import phase, progress_bar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,8 +81,11 @@ def check_consistency(
     mask_iou: float = DEFAULT_IOU_TOL,
     batch_size: int = 8,
     device: str = "cpu",
+    total: int | None = None,
 ) -> dict:
     """Compare ONNX Runtime with the torch model image by image.
+
+    Logs one line `consistency check: <s> s (<n> images, PASSED|FAILED)` and draws a progress bar on a terminal.
 
     Args:
         torch_model: the fitted model, run where it lives (its inference settings, e.g. faiss search).
@@ -97,96 +101,103 @@ def check_consistency(
             disagreement still fails: the map MAE, and the IoU over every other pixel.
         batch_size: batch size when `images` is one tensor.
         device: `cpu` or `cuda` for ONNX Runtime's execution provider.
+        total: number of images, for the progress bar (None: unknown).
 
     Returns:
         The `consistency.json` record: errors, IoU, counts, providers, tolerances, status and reasons.
     """
-    session, providers, note = ort_session(onnx_path, device)
-    input_name = session.get_inputs()[0].name
-    output_names = [o.name for o in session.get_outputs()]
-    param = next(iter(torch_model.buffers()))
-    threshold = float(pixel_threshold)
-    check_iou = math.isfinite(threshold)
-    n = 0
-    score_abs = map_abs = 0.0
-    score_max = map_max = 0.0
-    map_count = inter = union = torch_pixels = onnx_pixels = tied = 0
-    torch_s = onnx_s = 0.0
-    torch_model.eval()
-    for batch in _batches(images, batch_size):
-        if batch.numel() == 0:
-            continue
-        batch = batch.float()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            ref = torch_model(batch.to(param.device))
-        ref_score = ref.pred_score.float().cpu().numpy().reshape(-1)
-        ref_map = ref.anomaly_map.float().cpu().numpy()
-        torch_s += time.perf_counter() - start
-        start = time.perf_counter()
-        raw = session.run(None, {input_name: batch.cpu().numpy().astype(np.float32)})
-        outs = dict(zip(output_names, raw, strict=True))
-        onnx_s += time.perf_counter() - start
-        got_score = np.asarray(outs["pred_score"], dtype=np.float32).reshape(-1)
-        got_map = np.asarray(outs["anomaly_map"], dtype=np.float32)
-        if got_map.shape != ref_map.shape or got_score.shape != ref_score.shape:
-            raise ConsistencyError(
-                f"ONNX output shapes {got_score.shape}, {got_map.shape} differ from torch's "
-                f"{ref_score.shape}, {ref_map.shape}"
-            )
-        d_score = np.abs(got_score.astype(np.float64) - ref_score)
-        d_map = np.abs(got_map.astype(np.float64) - ref_map)
-        score_abs += float(d_score.sum())
-        map_abs += float(d_map.sum())
-        score_max = max(score_max, float(d_score.max()))
-        map_max = max(map_max, float(d_map.max()))
-        map_count += d_map.size
-        n += batch.shape[0]
-        if check_iou:
-            decided = np.abs(ref_map.astype(np.float64) - threshold) > map_mae
-            tied += int(decided.size - decided.sum())
-            a, b = (ref_map > threshold) & decided, (got_map > threshold) & decided
-            inter += int(np.logical_and(a, b).sum())
-            union += int(np.logical_or(a, b).sum())
-            torch_pixels += int(a.sum())
-            onnx_pixels += int(b.sum())
-    if n == 0:
-        raise ConsistencyError("no images to compare: the test set is empty or every image failed to load")
-    result = {
-        "status": "PASSED",
-        "reasons": [],
-        "num_images": n,
-        "score_mae": score_abs / n,
-        "score_max_abs_error": score_max,
-        "map_mae": map_abs / map_count,
-        "map_max_abs_error": map_max,
-        "mask_iou": (inter / union if union else 1.0) if check_iou else None,
-        "pixel_threshold": threshold if check_iou else None,
-        "mask_pixels_torch": torch_pixels,
-        "mask_pixels_onnx": onnx_pixels,
-        "mask_pixels_tied": tied if check_iou else None,
-        "tolerances": {"score_mae": score_mae, "map_mae": map_mae, "mask_iou": mask_iou},
-        "providers": providers,
-        "torch_device": str(param.device),
-        "torch_search": getattr(torch_model, "search", None),
-        "onnx_path": str(onnx_path),
-        "onnx_sha256": sha256_of(onnx_path),
-        "seconds": {"torch": round(torch_s, 3), "onnx": round(onnx_s, 3)},
-    }
-    if note:
-        result["note"] = note
-    reasons = result["reasons"]
-    # written as `not (x <= tol)` so that NaN fails
-    if not result["score_mae"] <= score_mae:
-        reasons.append(f"score MAE {result['score_mae']:.3g} > {score_mae:g}")
-    if not result["map_mae"] <= map_mae:
-        reasons.append(f"map MAE {result['map_mae']:.3g} > {map_mae:g}")
-    if check_iou and not result["mask_iou"] >= mask_iou:
-        reasons.append(f"mask IoU {result['mask_iou']:.4f} < {mask_iou:g}")
-    if not check_iou:
-        result["note"] = (note + "; " if note else "") + "no pixel threshold: mask IoU not checked"
-    if reasons:
-        result["status"] = "FAILED"
+    if total is None and isinstance(images, (torch.Tensor, np.ndarray)):
+        total = int(images.shape[0])
+    bar = progress_bar(total, "consistency check")
+    with bar, phase("consistency check") as checked:
+        session, providers, note = ort_session(onnx_path, device)
+        input_name = session.get_inputs()[0].name
+        output_names = [o.name for o in session.get_outputs()]
+        param = next(iter(torch_model.buffers()))
+        threshold = float(pixel_threshold)
+        check_iou = math.isfinite(threshold)
+        n = 0
+        score_abs = map_abs = 0.0
+        score_max = map_max = 0.0
+        map_count = inter = union = torch_pixels = onnx_pixels = tied = 0
+        torch_s = onnx_s = 0.0
+        torch_model.eval()
+        for batch in _batches(images, batch_size):
+            if batch.numel() == 0:
+                continue
+            batch = batch.float()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                ref = torch_model(batch.to(param.device))
+            ref_score = ref.pred_score.float().cpu().numpy().reshape(-1)
+            ref_map = ref.anomaly_map.float().cpu().numpy()
+            torch_s += time.perf_counter() - start
+            start = time.perf_counter()
+            raw = session.run(None, {input_name: batch.cpu().numpy().astype(np.float32)})
+            outs = dict(zip(output_names, raw, strict=True))
+            onnx_s += time.perf_counter() - start
+            got_score = np.asarray(outs["pred_score"], dtype=np.float32).reshape(-1)
+            got_map = np.asarray(outs["anomaly_map"], dtype=np.float32)
+            if got_map.shape != ref_map.shape or got_score.shape != ref_score.shape:
+                raise ConsistencyError(
+                    f"ONNX output shapes {got_score.shape}, {got_map.shape} differ from torch's "
+                    f"{ref_score.shape}, {ref_map.shape}"
+                )
+            d_score = np.abs(got_score.astype(np.float64) - ref_score)
+            d_map = np.abs(got_map.astype(np.float64) - ref_map)
+            score_abs += float(d_score.sum())
+            map_abs += float(d_map.sum())
+            score_max = max(score_max, float(d_score.max()))
+            map_max = max(map_max, float(d_map.max()))
+            map_count += d_map.size
+            n += batch.shape[0]
+            bar.update(batch.shape[0])
+            if check_iou:
+                decided = np.abs(ref_map.astype(np.float64) - threshold) > map_mae
+                tied += int(decided.size - decided.sum())
+                a, b = (ref_map > threshold) & decided, (got_map > threshold) & decided
+                inter += int(np.logical_and(a, b).sum())
+                union += int(np.logical_or(a, b).sum())
+                torch_pixels += int(a.sum())
+                onnx_pixels += int(b.sum())
+        if n == 0:
+            raise ConsistencyError("no images to compare: the test set is empty or every image failed to load")
+        result = {
+            "status": "PASSED",
+            "reasons": [],
+            "num_images": n,
+            "score_mae": score_abs / n,
+            "score_max_abs_error": score_max,
+            "map_mae": map_abs / map_count,
+            "map_max_abs_error": map_max,
+            "mask_iou": (inter / union if union else 1.0) if check_iou else None,
+            "pixel_threshold": threshold if check_iou else None,
+            "mask_pixels_torch": torch_pixels,
+            "mask_pixels_onnx": onnx_pixels,
+            "mask_pixels_tied": tied if check_iou else None,
+            "tolerances": {"score_mae": score_mae, "map_mae": map_mae, "mask_iou": mask_iou},
+            "providers": providers,
+            "torch_device": str(param.device),
+            "torch_search": getattr(torch_model, "search", None),
+            "onnx_path": str(onnx_path),
+            "onnx_sha256": sha256_of(onnx_path),
+            "seconds": {"torch": round(torch_s, 3), "onnx": round(onnx_s, 3)},
+        }
+        if note:
+            result["note"] = note
+        reasons = result["reasons"]
+        # written as `not (x <= tol)` so that NaN fails
+        if not result["score_mae"] <= score_mae:
+            reasons.append(f"score MAE {result['score_mae']:.3g} > {score_mae:g}")
+        if not result["map_mae"] <= map_mae:
+            reasons.append(f"map MAE {result['map_mae']:.3g} > {map_mae:g}")
+        if check_iou and not result["mask_iou"] >= mask_iou:
+            reasons.append(f"mask IoU {result['mask_iou']:.4f} < {mask_iou:g}")
+        if not check_iou:
+            result["note"] = (note + "; " if note else "") + "no pixel threshold: mask IoU not checked"
+        if reasons:
+            result["status"] = "FAILED"
+        checked.detail = f"{n} images, {result['status']}"
     return result
 
 

@@ -22,6 +22,7 @@ import torch
 from aoi_lightning.data.preprocess import INTERPOLATIONS, Preprocessing
 from aoi_lightning.fileio import dumps, read_json, sha256_of, write_json
 from aoi_lightning.models.components.base import AnomalyTorchModel, InferenceOutput
+from aoi_lightning.progress import phase
 from aoi_lightning.rundir.meta import package_versions, utc_now
 
 log = logging.getLogger(__name__)
@@ -187,89 +188,92 @@ def export_onnx(
     Returns:
         The path of the written ONNX file.
     """
-    if not torch_model.is_fitted:
-        raise ExportError(f"{type(torch_model).__name__} is not fitted: run `aoi fit` before exporting")
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = int(image_size[0]), int(image_size[1])
-    if preprocessing is None:
-        norm = torch_model.input_normalization() if hasattr(torch_model, "input_normalization") else None
-        preprocessing = Preprocessing.from_image_size((h, w), *(norm or (None, None)))
-    if preprocessing.image_size != (h, w):
-        raise ExportError(f"preprocessing size {list(preprocessing.image_size)} differs from the export size {[h, w]}")
-    model = copy.deepcopy(torch_model).to("cpu").eval()
-    image_t, pixel_t = float(model.image_threshold), float(model.pixel_threshold)
-    if not (math.isfinite(image_t) and math.isfinite(pixel_t)):
-        log.warning("exporting a model without thresholds: export_meta.json records them as null")
-    info = dict(meta or {})
-    info.update(describe_model(model))
-    info.update(
-        {
-            "image_size": [h, w],
-            "preprocessing": preprocessing.to_dict(),
-            "input": {
-                "name": INPUT_NAME,
-                "shape": ["batch", 3, h, w],
-                "dtype": "float32",
-                "range": [0.0, 1.0],
-                "layout": "NCHW",
-                "channels": preprocessing.channels,
-                "resize": f"{preprocessing.resize} to image_size (aspect ratio not kept) with "
-                f"{INTERPOLATIONS[preprocessing.interpolation]}",
-            },
-            "outputs": {"pred_score": ["batch"], "anomaly_map": ["batch", 1, h, w]},
-            "image_threshold": image_t,
-            "pixel_threshold": pixel_t,
-            "opset": int(opset),
-            "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
-            "versions": package_versions(),
-            "created_at": utc_now(),
-        }
-    )
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        tmp = tmp_dir / path.name
-        with torch.no_grad(), model.export_mode():
-            _trace(model, (h, w), tmp, opset)
-        proto = onnx.load(str(tmp))
-        saved = store_exact_float16(proto)
-        if saved:
-            log.info("float16 statistics stored as float16 in the graph (%.1f MB saved)", saved / 1e6)
-        for key, value in _metadata_props(info).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        proto.doc_string = f"AOI Anomaly Inspector {info.get('model', '')} model; see {META_FILE}"
-        external = _weights_bytes(proto) > EXTERNAL_DATA_BYTES
-        data_name = f"{path.name}.data"
-        for stale in tmp_dir.iterdir():
-            stale.unlink()
-        onnx.save_model(
-            proto,
-            str(tmp),
-            save_as_external_data=external,
-            all_tensors_to_one_file=True,
-            location=data_name if external else None,
+    with phase("ONNX export") as exported:
+        if not torch_model.is_fitted:
+            raise ExportError(f"{type(torch_model).__name__} is not fitted: run `aoi fit` before exporting")
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h, w = int(image_size[0]), int(image_size[1])
+        if preprocessing is None:
+            norm = torch_model.input_normalization() if hasattr(torch_model, "input_normalization") else None
+            preprocessing = Preprocessing.from_image_size((h, w), *(norm or (None, None)))
+        if preprocessing.image_size != (h, w):
+            raise ExportError(
+                f"preprocessing size {list(preprocessing.image_size)} differs from the export size {[h, w]}"
+            )
+        model = copy.deepcopy(torch_model).to("cpu").eval()
+        image_t, pixel_t = float(model.image_threshold), float(model.pixel_threshold)
+        if not (math.isfinite(image_t) and math.isfinite(pixel_t)):
+            log.warning("exporting a model without thresholds: export_meta.json records them as null")
+        info = dict(meta or {})
+        info.update(describe_model(model))
+        info.update(
+            {
+                "image_size": [h, w],
+                "preprocessing": preprocessing.to_dict(),
+                "input": {
+                    "name": INPUT_NAME,
+                    "shape": ["batch", 3, h, w],
+                    "dtype": "float32",
+                    "range": [0.0, 1.0],
+                    "layout": "NCHW",
+                    "channels": preprocessing.channels,
+                    "resize": f"{preprocessing.resize} to image_size (aspect ratio not kept) with "
+                    f"{INTERPOLATIONS[preprocessing.interpolation]}",
+                },
+                "outputs": {"pred_score": ["batch"], "anomaly_map": ["batch", 1, h, w]},
+                "image_threshold": image_t,
+                "pixel_threshold": pixel_t,
+                "opset": int(opset),
+                "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+                "versions": package_versions(),
+                "created_at": utc_now(),
+            }
         )
-        del proto
-        onnx.checker.check_model(str(tmp))
-        info["external_data"] = data_name if external else None
-        info["model_file"] = path.name
-        info["size_bytes"] = tmp.stat().st_size + ((tmp_dir / data_name).stat().st_size if external else 0)
-        info["sha256"] = sha256_of(tmp)
-        info["external_data_sha256"] = sha256_of(tmp_dir / data_name) if external else None
-        if external:
-            os.replace(tmp_dir / data_name, path.parent / data_name)
-        os.replace(tmp, path)
-        if not external:
-            (path.parent / data_name).unlink(missing_ok=True)  # weights of an earlier, larger export
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    write_json(path.parent / META_FILE, info)
-    stale = path.parent / CONSISTENCY_FILE
-    if stale.is_file():  # it described the previous export
-        stale.unlink()
-        log.info("removed %s of the previous export: run `aoi consistency` again", stale)
-    log.info("ONNX export written to %s (%.1f MB)", path, info["size_bytes"] / 1e6)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            tmp = tmp_dir / path.name
+            with torch.no_grad(), model.export_mode():
+                _trace(model, (h, w), tmp, opset)
+            proto = onnx.load(str(tmp))
+            saved = store_exact_float16(proto)
+            if saved:
+                log.info("float16 statistics stored as float16 in the graph (%.1f MB saved)", saved / 1e6)
+            for key, value in _metadata_props(info).items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, value
+            proto.doc_string = f"AOI Anomaly Inspector {info.get('model', '')} model; see {META_FILE}"
+            external = _weights_bytes(proto) > EXTERNAL_DATA_BYTES
+            data_name = f"{path.name}.data"
+            for stale in tmp_dir.iterdir():
+                stale.unlink()
+            onnx.save_model(
+                proto,
+                str(tmp),
+                save_as_external_data=external,
+                all_tensors_to_one_file=True,
+                location=data_name if external else None,
+            )
+            del proto
+            onnx.checker.check_model(str(tmp))
+            info["external_data"] = data_name if external else None
+            info["model_file"] = path.name
+            info["size_bytes"] = tmp.stat().st_size + ((tmp_dir / data_name).stat().st_size if external else 0)
+            info["sha256"] = sha256_of(tmp)
+            info["external_data_sha256"] = sha256_of(tmp_dir / data_name) if external else None
+            if external:
+                os.replace(tmp_dir / data_name, path.parent / data_name)
+            os.replace(tmp, path)
+            if not external:
+                (path.parent / data_name).unlink(missing_ok=True)  # weights of an earlier, larger export
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        write_json(path.parent / META_FILE, info)
+        stale = path.parent / CONSISTENCY_FILE
+        if stale.is_file():  # it described the previous export
+            stale.unlink()
+            log.info("removed %s of the previous export: run `aoi consistency` again", stale)
+        exported.detail = f"{info['size_bytes'] / 1e6:.1f} MB, written to {path}"
     return path
 
 

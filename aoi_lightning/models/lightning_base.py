@@ -15,6 +15,7 @@ from aoi_lightning.data.preprocess import Preprocessing, PreprocessingError, as_
 from aoi_lightning.metrics.evaluation import EvaluationCollector, build_metrics_report
 from aoi_lightning.models.components.base import AnomalyTorchModel, NotFittedError, exact_cuda_math
 from aoi_lightning.models.tile_calibration import calibrate_tiles_on_training_images
+from aoi_lightning.progress import phase
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +115,16 @@ class AnomalyModule(pl.LightningModule):
             raise NotFittedError(
                 "the model is not fitted: train it with `aoi fit`, or pass --ckpt_path of a trained run"
             )
-        start = time.perf_counter()
-        if distributed.is_distributed():
-            distributed.finalize_distributed(self.model)
-        else:
-            self.model.finalize()
-        self.timings["fit_finalize_s"] = time.perf_counter() - start
+        what = f"{type(self.model).__name__.removesuffix('Model')} fitted on {pending:,} images"
+        with phase("finalize", what) as finalize:
+            if distributed.is_distributed():
+                distributed.finalize_distributed(self.model)
+            else:
+                self.model.finalize()
+        self.timings["fit_finalize_s"] = finalize.seconds
         self.timings["num_fit_images"] = pending
         self.timings["num_processes"] = distributed.world_size()
         self._fit_images = 0
-        log.info("fitted %s on %d images", type(self.model).__name__, self.timings["num_fit_images"])
         if self.model.needs_tile_calibration:
             calibrate_tiles_on_training_images(self)
 

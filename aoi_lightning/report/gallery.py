@@ -16,6 +16,7 @@ from aoi_lightning.data.mvtec import find_mask
 from aoi_lightning.data.preprocess import Preprocessing, as_preprocessing
 from aoi_lightning.fileio import read_jsonl
 from aoi_lightning.postprocess.prediction import ModelFacts, OutputOptions, postprocess_prediction
+from aoi_lightning.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -125,19 +126,21 @@ def render_model_overlays(
     options = OutputOptions(pixel_threshold_mult=pixel_threshold_mult)
     out: dict[str, np.ndarray] = {}
     model.eval()
-    for path in image_paths:
-        loaded = preprocessing.load(path, keep_original=True)
-        if loaded.error:
-            log.warning("no overlay: %s", loaded.error)
-            continue
-        rgb = loaded.original
-        with torch.inference_mode():
-            res = model(torch.from_numpy(loaded.model_input).unsqueeze(0).to(device))
-        amap = res.anomaly_map[0, 0].float().cpu().numpy()
-        result = postprocess_prediction(
-            path, float(res.pred_score[0]), amap, facts, options, loaded.original_size, image_rgb=rgb
-        )
-        out[path] = result.overlay
+    with progress_bar(len(image_paths), "report overlays") as bar:
+        for path in image_paths:
+            bar.update(1)
+            loaded = preprocessing.load(path, keep_original=True)
+            if loaded.error:
+                log.warning("no overlay: %s", loaded.error)
+                continue
+            rgb = loaded.original
+            with torch.inference_mode():
+                res = model(torch.from_numpy(loaded.model_input).unsqueeze(0).to(device))
+            amap = res.anomaly_map[0, 0].float().cpu().numpy()
+            result = postprocess_prediction(
+                path, float(res.pred_score[0]), amap, facts, options, loaded.original_size, image_rgb=rgb
+            )
+            out[path] = result.overlay
     return out
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -13,6 +12,7 @@ from aoi_lightning.models.components.base import AnomalyTorchModel, InferenceOut
 from aoi_lightning.models.components.coreset import greedy_coreset
 from aoi_lightning.models.components.feature_extractor import FeatureExtractor, layers_for_strides
 from aoi_lightning.models.components.nearest_neighbors import FaissSearcher, index_options, knn_torch
+from aoi_lightning.progress import phase
 
 
 class PatchcoreModel(AnomalyTorchModel):
@@ -212,12 +212,14 @@ class PatchcoreModel(AnomalyTorchModel):
         if self._bank is None or self._filled == 0:
             raise ValueError("no training patches: the training set is empty")
         bank = self._bank[: self._filled]
-        start = time.perf_counter()
+        self.last_coreset_seconds = 0.0
         if self.coreset_ratio < 1.0:
             k = max(1, int(round(self._filled * self.coreset_ratio)))
-            index = greedy_coreset(bank, k, projection_dim=self.projection_dim, seed=self.seed)
-            bank = bank[index]
-        self.last_coreset_seconds = time.perf_counter() - start
+            what = f"{self.coreset_ratio * 100:.3g}% of {self._filled:,} patches: {k:,} kept"
+            with phase("coreset", what) as coreset:
+                index = greedy_coreset(bank, k, projection_dim=self.projection_dim, seed=self.seed)
+                bank = bank[index]
+            self.last_coreset_seconds = coreset.seconds
         self.set_memory_bank(bank.clone())
 
     def _load_from_state_dict(self, *args, **kwargs):
