@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    parser.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
+    parser.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx", "openvino"])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max_batch_size", type=int, default=8)
@@ -130,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                     row["audit_duplicated"] = len(logged) - len(set(logged))
                     results.append({"backend": backend, "mode": "serve", **row})
                     print(json.dumps(results[-1]), flush=True)
-            run = aoi_run(args.model_dir, args.images, backend, args.max_batch_size, Path(tmp) / f"run-{backend}")
-            results.append({"backend": backend, "mode": "aoi run", "batch_size": args.max_batch_size, **run})
-            print(json.dumps(results[-1]), flush=True)
+            for batch in sorted({1, args.max_batch_size}):  # batch 1: the latency reference of concurrency 1
+                run = aoi_run(args.model_dir, args.images, backend, batch, Path(tmp) / f"run-{backend}-{batch}")
+                results.append({"backend": backend, "mode": "aoi run", "batch_size": batch, **run})
+                print(json.dumps(results[-1]), flush=True)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     head = "| back end | mode | conc. | requests | errors | audit lost/dup | images/s | mean batch | p50/p95/p99 |"
     rows = [head]
