@@ -90,7 +90,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     max_batch_size: int = 8,
-    batch_timeout: float = 0.01,
+    batch_timeout: float = 0.003,
     workers: int = 1,
     device: Literal["cpu", "cuda", "auto"] = "auto",
     api_key_file: str | None = None,

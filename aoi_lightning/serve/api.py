@@ -121,7 +121,7 @@ class InspectionAPI(ls.LitAPI):
         audit_fsync: bool = False,
         save_ng_images: bool = False,
         max_batch_size: int = 8,
-        batch_timeout: float = 0.01,
+        batch_timeout: float = 0.003,
         decode_threads: int = 0,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
