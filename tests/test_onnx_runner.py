@@ -8,16 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_onnx import aoi_argv
 
 from aoi_lightning.inference.onnx_backend import OnnxPredictor, OnnxRunError
-
-BLOCK_TORCH = (
-    "import sys\n"
-    "for name in ('torch', 'torchvision', 'lightning', 'pytorch_lightning', 'timm', 'kornia', 'torchmetrics'):\n"
-    "    sys.modules[name] = None  # any import of these now fails\n"
-    "from aoi_lightning.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
 
 
 def _records(path: Path) -> list[dict]:
@@ -40,7 +33,7 @@ def test_onnx_backend_runs_without_torch_and_matches_torch(patchcore_run: Path, 
     onnx_out, torch_out = tmp_path / "onnx", tmp_path / "torch"
     common = ["run", "--model_dir", str(patchcore_run), "--input_dir", str(mixed_folder), "--no_progress"]
     res = subprocess.run(
-        [sys.executable, "-c", BLOCK_TORCH, *common, "--backend", "onnx", "--output_dir", str(onnx_out)],
+        aoi_argv(*common, "--backend", "onnx", "--output_dir", str(onnx_out)),
         capture_output=True,
         text=True,
         timeout=300,
@@ -95,16 +88,12 @@ def test_onnx_predictor_names_the_export_command(tmp_path: Path):
 
 def test_run_help_and_option_errors_without_torch(tmp_path: Path):
     """The options of `aoi run` are parsed (jsonargparse) in a process where torch cannot be imported."""
-    res = subprocess.run(
-        [sys.executable, "-c", BLOCK_TORCH, "run", "--help"], capture_output=True, text=True, timeout=300
-    )
+    res = subprocess.run(aoi_argv("run", "--help"), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = " ".join(res.stdout.split())  # the help wraps lines
     assert "--backend {torch,onnx,openvino}" in out and "default: torch" in out
     argv = ["run", "--model_dir", tmp_path, "--input_dir", tmp_path, "--output_dir", tmp_path / "o", "--backend", "onx"]
-    res = subprocess.run(
-        [sys.executable, "-c", BLOCK_TORCH, *map(str, argv)], capture_output=True, text=True, timeout=300
-    )
+    res = subprocess.run(aoi_argv(*map(str, argv)), capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     assert (
         res.stderr.strip()

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_onnx import aoi_argv
 
 from aoi_lightning.inference.onnx_backend import OnnxPredictor, OnnxRunError
 
 pytest.importorskip("openvino")
-
-BLOCK_TORCH = (
-    "import sys\n"
-    "for name in ('torch', 'torchvision', 'lightning', 'pytorch_lightning', 'timm', 'kornia', 'torchmetrics'):\n"
-    "    sys.modules[name] = None  # any import of these now fails\n"
-    "from aoi_lightning.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
 
 
 def _records(path: Path) -> list[dict]:
@@ -36,7 +28,7 @@ def test_openvino_records_equal_onnx_runtime_ones(run_name: str, request, tiny_m
         out[backend] = tmp_path / backend
         cmd = ["run", "--model_dir", str(run), "--input_dir", str(images), "--recursive", "--no_progress"]
         res = subprocess.run(
-            [sys.executable, "-c", BLOCK_TORCH, *cmd, "--backend", backend, "--output_dir", str(out[backend])],
+            aoi_argv(*cmd, "--backend", backend, "--output_dir", str(out[backend])),
             capture_output=True,
             text=True,
             timeout=300,
