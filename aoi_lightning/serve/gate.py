@@ -34,6 +34,24 @@ KNOWN_ROUTES = ("/predict", "/health", "/ready", "/info", "/metrics")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
+def _replay_once(body: bytes, after):
+    """An ASGI `receive` that hands over the already read `body` once, then defers to `after()`."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await after()
+
+    return receive
+
+
+async def _disconnected() -> dict:
+    return {"type": "http.disconnect"}
+
+
 class GateError(Exception):
     def __init__(self, status: int, kind: str, message: str, headers: dict | None = None) -> None:
         super().__init__(message)
@@ -126,16 +144,7 @@ class Gate:
             headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]
             headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
             inner = {**scope, "headers": headers, "query_string": b""}
-            sent = False
-
-            async def replay():
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
-            await self.app(inner, replay, send_wrapped)
+            await self.app(inner, _replay_once(body, receive), send_wrapped)
         except GateError as exc:
             self.metrics.errors.labels(exc.kind).inc()
             status_seen["code"] = exc.status
@@ -225,14 +234,7 @@ class Gate:
         from starlette.datastructures import UploadFile
         from starlette.requests import Request
 
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return {"type": "http.disconnect"}
+        replay = _replay_once(body, _disconnected)
 
         try:
             form = await Request(scope, replay).form(max_files=1, max_fields=20)
