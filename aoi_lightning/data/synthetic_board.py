@@ -206,6 +206,27 @@ def _write_png(path: Path, image: np.ndarray) -> None:
         raise OSError(f"cannot write {path}")
 
 
+def write_mvtec_category(base: Path, defect: str, train, test_good, test_defect) -> None:
+    """Write one MVTec-layout category: `train/good/NNN.png` from `train`, `test/good/NNN.png` from `test_good`,
+    and `test/<defect>/NNN.png` with `ground_truth/<defect>/NNN_mask.png` from the (image, mask) pairs of
+    `test_defect` (RGB or grey uint8 arrays)."""
+    folders = {
+        "train": base / "train" / "good",
+        "good": base / "test" / "good",
+        "bad": base / "test" / defect,
+        "gt": base / "ground_truth" / defect,
+    }
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(train):
+        _write_png(folders["train"] / f"{i:03d}.png", image)
+    for i, image in enumerate(test_good):
+        _write_png(folders["good"] / f"{i:03d}.png", image)
+    for i, (image, mask) in enumerate(test_defect):
+        _write_png(folders["bad"] / f"{i:03d}.png", image)
+        _write_png(folders["gt"] / f"{i:03d}_mask.png", mask)
+
+
 class Board:
     """One board design (`seed`) at `image_size`, and its captures; each capture is drawn from its own seed.
 
@@ -266,21 +287,11 @@ def generate_board_mvtec(
         `root` as a Path.
     """
     board = Board(image_size, seed)
-    base = Path(root) / category
-    folders = {
-        "train": base / "train" / "good",
-        "good": base / "test" / "good",
-        "bad": base / "test" / BOARD_DEFECT,
-        "gt": base / "ground_truth" / BOARD_DEFECT,
-    }
-    for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n_train):
-        _write_png(folders["train"] / f"{i:03d}.png", board.good("train", i))
-    for i in range(n_test_good):
-        _write_png(folders["good"] / f"{i:03d}.png", board.good("test", i))
-    for i in range(n_test_defect):
-        image, _, mask = board.defective(i, defect_size)
-        _write_png(folders["bad"] / f"{i:03d}.png", image)
-        _write_png(folders["gt"] / f"{i:03d}_mask.png", mask)
+    write_mvtec_category(
+        Path(root) / category,
+        BOARD_DEFECT,
+        (board.good("train", i) for i in range(n_train)),
+        (board.good("test", i) for i in range(n_test_good)),
+        (board.defective(i, defect_size)[::2] for i in range(n_test_defect)),
+    )
     return Path(root)

@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from aoi_lightning.data.synthetic_board import _rng, _write_png
+from aoi_lightning.data.synthetic_board import _rng, write_mvtec_category
 
 __all__ = ["STRIP_DEFECT", "Strip", "generate_strip_mvtec"]
 
@@ -131,21 +131,11 @@ def generate_strip_mvtec(
         `root` as a Path.
     """
     strip = Strip(height, width, seed)
-    base = Path(root) / category
-    folders = {
-        "train": base / "train" / "good",
-        "good": base / "test" / "good",
-        "bad": base / "test" / STRIP_DEFECT,
-        "gt": base / "ground_truth" / STRIP_DEFECT,
-    }
-    for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n_train):
-        _write_png(folders["train"] / f"{i:03d}.png", strip.good("train", i))
-    for i in range(n_test_good):
-        _write_png(folders["good"] / f"{i:03d}.png", strip.good("test", i))
-    for i in range(n_test_defect):
-        image, mask = strip.defective(i, defect_size)
-        _write_png(folders["bad"] / f"{i:03d}.png", image)
-        _write_png(folders["gt"] / f"{i:03d}_mask.png", mask)
+    write_mvtec_category(
+        Path(root) / category,
+        STRIP_DEFECT,
+        (strip.good("train", i) for i in range(n_train)),
+        (strip.good("test", i) for i in range(n_test_good)),
+        (strip.defective(i, defect_size) for i in range(n_test_defect)),
+    )
     return Path(root)
