@@ -165,3 +165,63 @@ def test_html_report_gallery_needs_no_second_forward_pass(
     paths, pictures = requests[0]
     assert paths and set(pictures) == set(paths)  # every gallery picture has the model's overlay
     assert all(p.ndim == 3 and p.shape[2] == 3 for p in pictures.values())
+
+
+@pytest.mark.parametrize("model", ["Padim", "Patchcore"])
+def test_fit_decodes_each_training_image_once_and_scores_it_from_the_fit_pass(
+    aoi_cli, tiny_fit_argv, tiny_mvtec_root: Path, tmp_path: Path, monkeypatch, model: str
+) -> None:
+    """preds_train.jsonl comes from the embeddings of the fit pass: every training image is decoded once in the
+    whole `aoi fit`, and the scores equal those of a separate pass over the training images with the saved
+    model, to float32 rounding."""
+    import aoi_lightning.data.preprocess as preprocess
+
+    decoded: Counter = Counter()
+    real = preprocess.read_image_with_size
+
+    def counting(path):
+        decoded[str(path)] += 1
+        return real(path)
+
+    monkeypatch.setattr(preprocess, "read_image_with_size", counting)
+    argv = tiny_fit_argv(f"aoi_lightning.models.{model}", tiny_mvtec_root, tmp_path, "once", "--seed", "0")
+    assert aoi_cli(argv) == 0
+    run = tmp_path / model.lower() / "synthetic" / "once"
+    train = sorted(str(p) for p in (tiny_mvtec_root / "synthetic" / "train").rglob("*.png"))
+    assert train and all(decoded[p] == 1 for p in train), {p: decoded[p] for p in train}
+    assert read_json(run / "meta.json")["timings"]["score_train_from_fit_s"] >= 0
+
+    from aoi_lightning.data.datamodule import MVTecDataModule
+    from aoi_lightning.rundir.loading import load_checkpoint_model
+    from aoi_lightning.rundir.scoring import score_loader
+
+    monkeypatch.setattr(preprocess, "read_image_with_size", real)
+    module = load_checkpoint_model(run / "weights" / "model.ckpt")
+    data = MVTecDataModule(root=str(tiny_mvtec_root), category="synthetic", image_size=64, num_workers=0)
+    data.setup("fit")
+    second, _ = score_loader(module.model, data.train_eval_dataloader())
+    kept = read_jsonl(run / "preds_train.jsonl")
+    assert [r["image_path"] for r in kept] == [r["image_path"] for r in second]
+    assert [r["defect_type"] for r in kept] == [r["defect_type"] for r in second]
+    np.testing.assert_allclose(
+        [r["pred_score"] for r in kept], [r["pred_score"] for r in second], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_fit_over_the_embedding_budget_scores_the_training_images_in_a_second_pass(
+    aoi_cli, tiny_fit_argv, tiny_mvtec_root: Path, tmp_path: Path
+) -> None:
+    """`fit_embeddings_mb: 0` (or a set too large for the budget) keeps nothing: the same preds_train.jsonl comes
+    from a second pass."""
+    runs = {}
+    for name, budget in (("kept", "1024"), ("none", "0")):
+        argv = tiny_fit_argv("aoi_lightning.models.Padim", tiny_mvtec_root, tmp_path, name, "--seed", "0",
+                             "--model.fit_embeddings_mb", budget)  # fmt: skip
+        assert aoi_cli(argv) == 0
+        runs[name] = tmp_path / "padim" / "synthetic" / name
+    timings = read_json(runs["none"] / "meta.json")["timings"]
+    assert "score_train_from_fit_s" not in timings
+    a, b = (read_jsonl(runs[n] / "preds_train.jsonl") for n in ("kept", "none"))
+    assert [r["image_path"] for r in a] == [r["image_path"] for r in b] and len(a) == 12
+    np.testing.assert_allclose([r["pred_score"] for r in a], [r["pred_score"] for r in b], rtol=1e-5, atol=1e-5)
+    assert [r["label"] for r in a] == [r["label"] for r in b]

@@ -99,10 +99,10 @@ FLOAT16_MIN_BYTES = 1 << 20
 
 
 def store_exact_float16(proto: onnx.ModelProto, min_bytes: int | None = None) -> int:
-    """Store every float32 initializer of at least `min_bytes` whose values are all exact float16 numbers as a
-    float16 initializer widened by a `Cast` node, in place.
+    """Store every float32 initializer or `Constant` node value of at least `min_bytes` whose values are all
+    exact float16 numbers as a float16 initializer widened by a `Cast` node, in place.
 
-    The exporter folds PaDiM's float16 whitening panels (`stats_dtype: float16`) into float32 constants, which
+    The exporter writes PaDiM's float16 whitening panels (`stats_dtype: float16`) as float32 constants, which
     doubles the file against the checkpoint; stored back as float16 the graph computes the same numbers (the
     widening is exact, and ONNX Runtime folds the casts once when it loads the model). Weights that are not
     exact float16 values (the backbone, float32 statistics) are left alone.
@@ -114,22 +114,40 @@ def store_exact_float16(proto: onnx.ModelProto, min_bytes: int | None = None) ->
 
     min_bytes = FLOAT16_MIN_BYTES if min_bytes is None else min_bytes
     graph_inputs = {value.name for value in proto.graph.input}
+
+    def as_half(tensor: onnx.TensorProto) -> tuple[np.ndarray, np.ndarray] | None:
+        """(float32 values, float16 values) of a large float32 tensor that float16 holds exactly, else None."""
+        if tensor.data_type != TensorProto.FLOAT or len(tensor.raw_data) < min_bytes:
+            return None
+        values = numpy_helper.to_array(tensor)
+        half = values.astype(np.float16)
+        return (values, half) if np.array_equal(half.astype(np.float32), values) else None
+
+    def widen(name: str) -> onnx.NodeProto:
+        return helper.make_node("Cast", [f"{name}_float16"], [name], to=TensorProto.FLOAT, name=f"{name}_widen")
+
     casts, saved = [], 0
     for init in proto.graph.initializer:
-        if init.data_type != TensorProto.FLOAT or init.name in graph_inputs:
+        found = None if init.name in graph_inputs else as_half(init)
+        if found is None:
             continue
-        if len(init.raw_data) < min_bytes or not init.raw_data:
-            continue
-        values = numpy_helper.to_array(init)
-        half = values.astype(np.float16)
-        if not np.array_equal(half.astype(np.float32), values):
-            continue
+        values, half = found
         name = init.name
         init.CopyFrom(numpy_helper.from_array(half, f"{name}_float16"))
-        casts.append(helper.make_node("Cast", [f"{name}_float16"], [name], to=TensorProto.FLOAT, name=f"{name}_widen"))
+        casts.append(widen(name))
         saved += values.nbytes - half.nbytes
-    if casts:
-        nodes = list(proto.graph.node)
+    nodes = list(proto.graph.node)
+    for position, node in enumerate(nodes):
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        found = None if value is None else as_half(value)
+        if found is None:
+            continue
+        values, half = found
+        name = node.output[0]
+        proto.graph.initializer.append(numpy_helper.from_array(half, f"{name}_float16"))
+        nodes[position] = widen(name)
+        saved += values.nbytes - half.nbytes
+    if saved:
         del proto.graph.node[:]
         proto.graph.node.extend(casts + nodes)
     return saved

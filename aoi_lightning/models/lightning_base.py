@@ -28,8 +28,13 @@ class AnomalyModule(pl.LightningModule):
 
     model_name = "anomaly"
 
-    def __init__(self) -> None:
+    def __init__(self, fit_embeddings_mb: int = 1024) -> None:
         super().__init__()
+        if int(fit_embeddings_mb) < 0:
+            raise ValueError(f"fit_embeddings_mb must be >= 0, got {fit_embeddings_mb}")
+        #: MiB of training embeddings kept from the fit pass to score the training images without a second pass.
+        self.fit_embeddings_mb = int(fit_embeddings_mb)
+        self._fit_items: list[dict] = []
         self.automatic_optimization = False
         self.model: AnomalyTorchModel
         self.val_collector = EvaluationCollector()
@@ -75,6 +80,11 @@ class AnomalyModule(pl.LightningModule):
         self.model.eval()
         self._fit_images = 0
         self.train_records = None
+        self._fit_items = []
+        # one process: the training images are scored from the fit pass's embeddings (under DDP each process
+        # holds a share only, and rank zero scores them in a pass of its own)
+        budget = 0 if distributed.is_distributed() else self.fit_embeddings_mb * 2**20
+        self.model.keep_fit_embeddings(budget)
         self.timings["feature_extraction_s"] = 0.0
         size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
         self.fit_image_size = (int(size[0]), int(size[1])) if size is not None else None
@@ -99,6 +109,16 @@ class AnomalyModule(pl.LightningModule):
             self.timings.get("feature_extraction_s", 0.0) + time.perf_counter() - start
         )
         self._fit_images += int(batch["image"].shape[0])
+        for i in range(int(batch["image"].shape[0])):
+            label = int(batch["label"][i])
+            self._fit_items.append(
+                {
+                    "image_path": batch["image_path"][i],
+                    "gt_label": label if label >= 0 else None,
+                    "defect_type": batch["defect_type"][i],
+                    "split": batch["split"][i],
+                }
+            )
         return None
 
     def on_train_end(self) -> None:
@@ -127,7 +147,21 @@ class AnomalyModule(pl.LightningModule):
         self._fit_images = 0
         if self.model.needs_tile_calibration:
             calibrate_tiles_on_training_images(self)
+        self._score_fit_images()
 
+    def _score_fit_images(self) -> None:
+        """`train_records` from the embeddings the fit pass kept (None when it kept none: a second pass then)."""
+        items, self._fit_items = self._fit_items, []
+        with phase("training-image scores", "from the fit pass's embeddings") as scoring:
+            outputs = self.model.score_fit_embeddings()
+            if outputs is None:
+                scoring.detail = "not kept: scored in a second pass"
+                return
+            scores = torch.cat([o.pred_score for o in outputs]).float().cpu().tolist()
+        if len(scores) != len(items):  # cannot happen unless `update` was called outside training_step
+            return
+        self.train_records = [{**item, "pred_score": score} for item, score in zip(items, scores)]
+        self.timings["score_train_from_fit_s"] = scoring.seconds
     # -- evaluation -------------------------------------------------------------------------------------------
     def _thresholds(self) -> tuple[float, float]:
         return float(self.model.image_threshold), float(self.model.pixel_threshold)

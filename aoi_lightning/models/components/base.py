@@ -42,6 +42,35 @@ class NotFittedError(RuntimeError):
     """The model was used before `fit`."""
 
 
+class FitEmbeddings:
+    """Embeddings of the fit pass kept in float32, in order, up to `budget_bytes`, so that the training images
+    can be scored once the fit is final without decoding them and running the backbone a second time.
+
+    Past the budget everything kept is dropped (`overflowed`): the caller then scores in a second pass.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = int(budget_bytes)
+        self.parts: list[tuple[torch.Tensor, tuple[int, int]]] = []
+        self.nbytes = 0
+        self.overflowed = False
+
+    def add(self, embedding: torch.Tensor, input_size: tuple[int, int]) -> None:
+        """Keep a batch's embedding (B, C, h, w) of inputs of `input_size` (H, W)."""
+        if self.overflowed:
+            return
+        size = embedding.numel() * 4
+        if self.nbytes + size > self.budget_bytes:
+            self.overflowed, self.parts, self.nbytes = True, [], 0
+            return
+        self.parts.append((embedding.detach().to("cpu", torch.float32, copy=True), tuple(input_size)))
+        self.nbytes += size
+
+    @property
+    def num_images(self) -> int:
+        return sum(int(e.shape[0]) for e, _ in self.parts)
+
+
 class AnomalyTorchModel(nn.Module):
     """Base class: thresholds as buffers (they travel in checkpoints and exports), a fitted flag, map smoothing,
     and optional tiling.
@@ -96,6 +125,35 @@ class AnomalyTorchModel(nn.Module):
         self.register_buffer("fitted", torch.tensor(False))
         # (rows, cols) gains of the tile positions with `per_tile` thresholds; empty: no per-tile scaling
         self.register_buffer("tile_gain", torch.empty(0))
+        self._fit_embeddings: FitEmbeddings | None = None
+
+    # -- training-image scores from the fit pass --------------------------------------------------------------
+    def keep_fit_embeddings(self, budget_bytes: int) -> bool:
+        """From now on `update` keeps the embeddings of its images (up to `budget_bytes`) for
+        `score_fit_embeddings`. Not with tiling (its forward stitches tiles): returns False then, and with a
+        budget of 0."""
+        keep = self.tiler is None and budget_bytes > 0
+        self._fit_embeddings = FitEmbeddings(budget_bytes) if keep else None
+        return keep
+
+    def _keep_fit_embedding(self, embedding: torch.Tensor, input_size: tuple[int, int]) -> None:
+        if self._fit_embeddings is not None:
+            self._fit_embeddings.add(embedding, input_size)
+
+    @torch.no_grad()
+    def score_fit_embeddings(self) -> list[InferenceOutput] | None:
+        """Outputs of the fitted model for the images `update` saw since `keep_fit_embeddings`, one per `update`
+        batch, in order; the same as `forward` on those images (to float32 rounding). None when nothing was kept
+        (not asked, tiling, or over the budget). The kept embeddings are released."""
+        kept, self._fit_embeddings = self._fit_embeddings, None
+        if kept is None or kept.overflowed or not kept.parts:
+            return None
+        device = self.fitted.device
+        return [self.score_embedding(emb.to(device), size) for emb, size in kept.parts]
+
+    def score_embedding(self, embedding: torch.Tensor, input_size: tuple[int, int]) -> InferenceOutput:
+        """The model's output for an embedding (B, C, h, w) of inputs of `input_size` (H, W) (`embed`'s output)."""
+        raise NotImplementedError
 
     @property
     def is_fitted(self) -> bool:
@@ -249,8 +307,12 @@ class AnomalyTorchModel(nn.Module):
             "tile_gain": self.tile_gain.tolist() if self.tile_gain.numel() else None,
         }
 
-    def _forward_fitted(self, images: torch.Tensor) -> InferenceOutput:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> embedding (B, C, h, w)."""
         raise NotImplementedError
+
+    def _forward_fitted(self, images: torch.Tensor) -> InferenceOutput:
+        return self.score_embedding(self.embed(images), tuple(images.shape[-2:]))
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

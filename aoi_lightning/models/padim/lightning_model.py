@@ -31,6 +31,9 @@ class Padim(AnomalyModule):
             map and score scaled by a gain calibrated on the good training images at the end of the fit).
         tile_batch: tiles of each image per model pass (default: all); bounds the memory of large tile grids.
             PaDiM shares its per-position statistics across tile positions (tiles must look alike).
+        fit_embeddings_mb: memory (MiB) for the training images' embeddings kept from the fit pass, so that
+            `preds_train.jsonl` is scored without decoding the images and running the backbone again (transistor
+            at 256 px: about 615 MB); past it, with tiling, under DDP or with 0, a second pass scores them.
     """
 
     model_name = "padim"
@@ -49,8 +52,9 @@ class Padim(AnomalyModule):
         tile_overlap: int = 0,
         tile_thresholds: Literal["global", "per_tile"] = "global",
         tile_batch: int | None = None,
+        fit_embeddings_mb: int = 1024,
     ) -> None:
-        super().__init__()
+        super().__init__(fit_embeddings_mb)
         self.save_hyperparameters()
         self.model = PadimModel(
             backbone, layers, weights, n_features, seed, regularization, sigma, stats_dtype=stats_dtype,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,12 +101,20 @@ class PadimModel(AnomalyTorchModel):
     def update(self, images: torch.Tensor) -> None:
         """Accumulate the moments of a batch of good images (B, 3, H, W) (of their tiles when tiling)."""
         for part in self.tile_batches(images):
-            self._moments.update(self.embed(part).flatten(2))
+            embedding = self.embed(part)
+            self._moments.update(embedding.flatten(2))
+            self._keep_fit_embedding(embedding, tuple(part.shape[-2:]))
 
     def fit_accumulator(self) -> StreamingMoments:
         """The streaming moments accumulated by `update` since the last `finalize` (summed over processes under
         DDP before `finalize`)."""
         return self._moments
+
+    @contextlib.contextmanager
+    def export_mode(self) -> Iterator[None]:
+        """The statistics as one float32 matrix per block and panel (`GaussianStats.export_panels`)."""
+        with self.stats.export_panels():
+            yield
 
     @torch.no_grad()
     def finalize(self) -> None:
@@ -122,9 +131,9 @@ class PadimModel(AnomalyTorchModel):
         self._moments = StreamingMoments()  # free the float64 accumulators
         self.fitted.fill_(True)
 
-    def _forward_fitted(self, images: torch.Tensor) -> InferenceOutput:
-        emb = self.embed(images)
-        batch, _, h, w = emb.shape
-        dist = self.stats(emb.flatten(2)).reshape(batch, h, w)
-        anomaly_map = self.smooth_map(dist, tuple(images.shape[-2:]))
+    def score_embedding(self, embedding: torch.Tensor, input_size: tuple[int, int]) -> InferenceOutput:
+        """Mahalanobis distance per position, upsampled to `input_size` and smoothed; score: the map's max."""
+        batch, _, h, w = embedding.shape
+        dist = self.stats(embedding.flatten(2)).reshape(batch, h, w)
+        anomaly_map = self.smooth_map(dist, tuple(input_size))
         return InferenceOutput(pred_score=anomaly_map.amax(dim=(1, 2, 3)), anomaly_map=anomaly_map)

@@ -35,6 +35,9 @@ class Patchcore(AnomalyModule):
         tile_thresholds: `global` (one image and one pixel threshold) or `per_tile` (each tile position's
             map and score scaled by a gain calibrated on the good training images at the end of the fit).
         tile_batch: tiles of each image per model pass (default: all); bounds the memory of large tile grids.
+        fit_embeddings_mb: memory (MiB) for the training images' embeddings kept from the fit pass, so that
+            `preds_train.jsonl` is scored without decoding the images and running the backbone again (transistor
+            at 256 px: about 135 MB); past it, with tiling, under DDP or with 0, a second pass scores them.
     """
 
     model_name = "patchcore"
@@ -57,8 +60,9 @@ class Patchcore(AnomalyModule):
         tile_overlap: int = 0,
         tile_thresholds: Literal["global", "per_tile"] = "global",
         tile_batch: int | None = None,
+        fit_embeddings_mb: int = 1024,
     ) -> None:
-        super().__init__()
+        super().__init__(fit_embeddings_mb)
         # the index is a search setting, not part of the fitted model: left out of the checkpoint's hyper-parameters
         # so that `aoi test/predict --ckpt_path` take it from the config or command line, not from the fit
         self.save_hyperparameters(ignore=["index", "index_params"])

@@ -129,6 +129,7 @@ class PatchcoreModel(AnomalyTorchModel):
         for part in self.tile_batches(images):
             emb = self.embed(part)
             self._append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).to("cpu", self.bank_dtype))
+            self._keep_fit_embedding(emb, tuple(part.shape[-2:]))
 
     def _append(self, rows: torch.Tensor) -> None:
         if self._bank is None or self._filled + rows.shape[0] > self._bank.shape[0]:
@@ -236,15 +237,15 @@ class PatchcoreModel(AnomalyTorchModel):
             return self._searcher.search(queries, k)
         return knn_torch(queries, bank.to(torch.float32), k)
 
-    def _forward_fitted(self, images: torch.Tensor) -> InferenceOutput:
-        emb = self.embed(images)
+    def score_embedding(self, emb: torch.Tensor, input_size: tuple[int, int]) -> InferenceOutput:
+        """Nearest-bank-row distance per patch, upsampled to `input_size` and smoothed; score: `_reweight`."""
         batch, dim, h, w = emb.shape
         patches = emb.permute(0, 2, 3, 1).reshape(-1, dim)
         dist, index = self.nearest(patches, 1)
         patch_scores = dist[:, 0].reshape(batch, h * w)
         nn_index = index[:, 0].reshape(batch, h * w)
         pred_score = self._reweight(emb.permute(0, 2, 3, 1).reshape(batch, h * w, dim), patch_scores, nn_index)
-        anomaly_map = self.smooth_map(patch_scores.reshape(batch, h, w), tuple(images.shape[-2:]))
+        anomaly_map = self.smooth_map(patch_scores.reshape(batch, h, w), tuple(input_size))
         return InferenceOutput(pred_score=pred_score, anomaly_map=anomaly_map)
 
     def _reweight(self, patches: torch.Tensor, patch_scores: torch.Tensor, nn_index: torch.Tensor) -> torch.Tensor:
