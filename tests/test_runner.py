@@ -122,3 +122,49 @@ def test_predict_on_an_empty_folder_writes_a_zero_report(aoi_cli, patchcore_run:
     report = read_json(run / "predictions" / "report.json")  # the run of the checkpoint, not the original
     assert report["num_images"] == 0 and report["defect_stats"] is None and report["run_id"] == "copy_of_run"
     assert (run / "predictions" / "preds.jsonl").read_text() == ""
+
+
+def test_run_folder_writes_in_input_order_and_raises_a_writer_error_keeping_earlier_lines(tmp_path: Path) -> None:
+    """The writer thread keeps input order (errors included), and an error while writing image k stops the run
+    with that error and leaves the lines of images 0..k-1 complete."""
+    from aoi_lightning.data.preprocess import Preprocessing
+    from aoi_lightning.inference.folder import run_folder
+    from aoi_lightning.postprocess.outputs import PredictionOutputs
+    from aoi_lightning.postprocess.prediction import ModelFacts, OutputOptions
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"{i:02d}.png" for i in range(11)]
+    for name in names:
+        cv2.imwrite(str(folder / name), rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    (folder / "03.png").write_text("not an image")
+
+    class Constant:
+        facts = ModelFacts.from_thresholds("fake", "synthetic", (16, 16), 0.5, 0.5)
+        preprocessing = Preprocessing.from_image_size((16, 16))
+        run_id = "r"
+
+        def predict(self, images):
+            return images.mean(axis=(1, 2, 3)), images.mean(axis=1)
+
+    paths = [folder / n for n in names]
+    options = OutputOptions(save_masks=False, save_overlays=False)
+    run_folder(Constant(), paths, tmp_path / "ok", options, input_root=folder, batch_size=4, progress=False)
+    records = read_jsonl(tmp_path / "ok" / "preds.jsonl")
+    assert [Path(r["image_path"]).name for r in records] == names
+    assert [("error" in r) for r in records] == [n == "03.png" for n in names]
+
+    real = PredictionOutputs.write
+
+    def failing(self, image_path, *args, **kwargs):
+        if image_path.endswith("06.png"):
+            raise OSError("disk full")
+        return real(self, image_path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PredictionOutputs, "write", failing)
+        with pytest.raises(OSError, match="disk full"):
+            run_folder(Constant(), paths, tmp_path / "bad", options, input_root=folder, batch_size=4, progress=False)
+    kept = read_jsonl(tmp_path / "bad" / "preds.jsonl")
+    assert [Path(r["image_path"]).name for r in kept] == names[:6]

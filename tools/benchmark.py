@@ -7,6 +7,13 @@ same machine load, and the model/backbone ratio is what to compare across machin
 
     python tools/benchmark.py --root ../shared/datasets/mvtec_ad --category transistor \
         --models padim patchcore --coreset_ratios 0.01 0.1 --output benchmark.json
+
+`--aoi_run RUN_DIR [RUN_DIR ...]` measures the `aoi run` loop instead (the folder runner of the command, in
+process, after loading): ms per image and images/s over every image of `--input_dir`, without and with masks and
+overlays, next to the same back end's model forward at the same batch size, interleaved repeat by repeat:
+
+    python tools/benchmark.py --aoi_run runs/padim/transistor/X runs/patchcore/transistor/Y \
+        --input_dir ../shared/datasets/mvtec_ad/transistor/test --backends torch onnx --batch_size 8
 """
 
 from __future__ import annotations
@@ -239,8 +246,89 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def aoi_run_loop(
+    run_dir: str, backend: str, input_dir: str, batch_size: int, num_workers: int, repeats: int
+) -> dict:
+    """`aoi run`'s loop (decode, forward, post-processing, files) over `input_dir`, without and with masks and
+    overlays, and the back end's forward alone on a batch of the same size, `repeats` times each, interleaved.
+    Medians in ms per image; `ratio_*`: the loop over the forward."""
+    import tempfile
+
+    import numpy as np
+
+    from aoi_lightning.inference.folder import load_predictor, run_folder
+    from aoi_lightning.postprocess.prediction import OutputOptions
+
+    predictor = load_predictor(backend, run_dir, "cpu")
+    paths = sorted(p for p in Path(input_dir).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"})
+    if not paths:
+        raise SystemExit(f"no images under {input_dir}")
+    h, w = predictor.preprocessing.image_size
+    batch = np.random.default_rng(0).random((batch_size, 3, h, w), dtype=np.float32)
+    predictor.predict(batch)  # warm-up: kernels, allocations
+    times: dict[str, list[float]] = {"forward": [], "plain": [], "pictures": []}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(max(1, len(paths) // batch_size)):
+            predictor.predict(batch)
+        times["forward"].append((time.perf_counter() - start) / (max(1, len(paths) // batch_size) * batch_size))
+        for key, pictures in (("plain", False), ("pictures", True)):
+            with tempfile.TemporaryDirectory() as out:
+                options = OutputOptions(save_masks=pictures, save_overlays=pictures)
+                start = time.perf_counter()
+                run_folder(predictor, paths, out, options, input_root=input_dir, batch_size=batch_size,
+                           num_workers=num_workers, progress=False)  # fmt: skip
+                times[key].append((time.perf_counter() - start) / len(paths))
+    med = {k: statistics.median(v) * 1000.0 for k, v in times.items()}
+    return {
+        "run_dir": str(run_dir),
+        "backend": backend,
+        "images": len(paths),
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "repeats": repeats,
+        "forward_ms_per_image": med["forward"],
+        "run_ms_per_image": med["plain"],
+        "run_pictures_ms_per_image": med["pictures"],
+        "run_images_per_s": 1000.0 / med["plain"],
+        "run_pictures_images_per_s": 1000.0 / med["pictures"],
+        "ratio_run": med["plain"] / med["forward"],
+        "ratio_run_pictures": med["pictures"] / med["forward"],
+    }
+
+
+def aoi_run_table(rows: list[dict]) -> str:
+    cols = [
+        ("run", "run_dir"), ("backend", "backend"), ("batch", "batch_size"), ("decode threads", "num_workers"),
+        ("forward ms/img", "forward_ms_per_image"), ("aoi run ms/img", "run_ms_per_image"),
+        ("aoi run img/s", "run_images_per_s"), ("ratio", "ratio_run"),
+        ("+ masks, overlays ms/img", "run_pictures_ms_per_image"), ("img/s", "run_pictures_images_per_s"),
+        ("ratio", "ratio_run_pictures"),
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        cells = []
+        for _, key in cols:
+            value = row[key]
+            cells.append(Path(value).name if key == "run_dir" else f"{value:.2f}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write(rows: list[dict], output: Path, markdown: str) -> None:
+    output.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    output.with_suffix(".md").write_text(markdown + "\n", encoding="utf-8")
+    print(markdown)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--aoi_run", nargs="+", default=None, metavar="RUN_DIR",
+                        help="measure the aoi run loop of these runs instead of fitting")  # fmt: skip
+    parser.add_argument("--input_dir", default="../shared/datasets/mvtec_ad/transistor/test")
+    parser.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx", "openvino"])
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--decode_threads", type=int, default=1, help="aoi run --num_workers")
     parser.add_argument("--root", default="../shared/datasets/mvtec_ad")
     parser.add_argument("--category", default="transistor")
     parser.add_argument("--models", nargs="+", default=["padim", "patchcore"], choices=["padim", "patchcore"])
@@ -261,6 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_onnx", action="store_true", help="skip the ONNX Runtime latency")
     parser.add_argument("--output", default="benchmark.json")
     args = parser.parse_args(argv)
+    if args.aoi_run:
+        rows = []
+        for run_dir in args.aoi_run:
+            for backend in args.backends:
+                print(f"aoi run loop: {run_dir} {backend} ...", file=sys.stderr, flush=True)
+                rows.append(aoi_run_loop(run_dir, backend, args.input_dir, args.batch_size, args.decode_threads,
+                                         max(1, min(args.repeats, 5))))  # fmt: skip
+        _write(rows, Path(args.output), aoi_run_table(rows))
+        return 0
     rows = []
     for n_train in args.train_images:
         for model in args.models:

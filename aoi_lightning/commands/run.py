@@ -46,7 +46,7 @@ def run(
     batch_size: int = 8,
     device: Literal["cpu", "cuda", "auto"] = "auto",
     backend: Literal["torch", "onnx", "openvino"] = "torch",
-    num_workers: int = 0,
+    num_workers: int = 1,
     no_progress: bool = False,
     resume: bool = False,
 ) -> int:
@@ -68,7 +68,7 @@ def run(
         device: where the model runs (auto: cuda when available).
         backend: torch: weights/model.ckpt; onnx: export/model.onnx with ONNX Runtime; openvino: export/model.onnx
             in the OpenVINO runtime (onnx and openvino need no torch).
-        num_workers: image decoding threads (0: the main thread).
+        num_workers: image decoding threads that decode the next batch while the model runs (0: the main thread).
         no_progress: no progress bar.
         resume: continue an interrupted run in OUTPUT_DIR: keep its complete lines, predict only the other images.
 

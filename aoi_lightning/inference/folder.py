@@ -94,7 +94,8 @@ def run_folder(
         options: what to write (pixel threshold multiplier, minimum defect area, masks, overlays).
         input_root: folder the output file names are relative to.
         batch_size: images per forward pass.
-        num_workers: decoding threads (0: decode in the main thread).
+        num_workers: decoding threads (0: decode in the main thread). Post-processing and file writing always
+            run on one writer thread, in input order, overlapping the next batch.
         progress: show a progress bar.
         resume: keep the complete lines of an interrupted run in `output_dir` and predict only the rest.
 
@@ -112,6 +113,27 @@ def run_folder(
     bar = _progress(len(todo), progress and len(todo) > 0)
     start = time.perf_counter()
     executor = ThreadPoolExecutor(max_workers=num_workers) if num_workers > 0 else None
+    # post-processing and files (PNG encoding above all) run on one writer thread, in input order, while the
+    # next batch is decoded and predicted; at most two batches of maps wait for it
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aoi-writer")
+    in_flight: list[Future] = []
+    failed: list[BaseException] = []
+
+    def write(method, *args, **kwargs) -> None:
+        if failed:  # after a failed write nothing more is written: the lines stay a prefix of the input order
+            return
+        try:
+            method(*args, **kwargs)
+        except BaseException as exc:
+            failed.append(exc)
+            raise
+
+    def drain(futures: list[Future]) -> None:
+        for future in futures:
+            future.result()  # re-raises a writer error here
+            if bar is not None:
+                bar.update(1)
+
     try:
         with outputs:
             for batch in iter_batches(todo, batch_size, predictor.preprocessing, options.save_overlays, executor):
@@ -119,18 +141,29 @@ def run_folder(
                 scores = maps = None
                 if good:
                     scores, maps = predictor.predict(np.stack([item.model_input for item in good]))
-                j = 0
+                submitted, j = [], 0
                 for item in batch:
                     if item.error:
-                        outputs.write_error(str(item.path), item.error)
+                        submitted.append(writer.submit(write, outputs.write_error, str(item.path), item.error))
                     else:
-                        outputs.write(
-                            str(item.path), float(scores[j]), maps[j], item.original_size, image_rgb=item.original
+                        submitted.append(
+                            writer.submit(
+                                write,
+                                outputs.write,
+                                str(item.path),
+                                float(scores[j]),
+                                maps[j],
+                                item.original_size,
+                                image_rgb=item.original,
+                            )
                         )
                         j += 1
-                    if bar is not None:
-                        bar.update(1)
+                drain(in_flight)
+                in_flight = submitted
+            drain(in_flight)
+            in_flight = []
     finally:
+        writer.shutdown(wait=True, cancel_futures=True)
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
         if bar is not None:

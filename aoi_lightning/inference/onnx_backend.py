@@ -135,6 +135,9 @@ class OnnxPredictor:
 
         export = read_export(model_dir)
         options = ort.SessionOptions()
+        # no busy-waiting of idle ONNX Runtime threads: on a small CPU they would take the cores from the decoding
+        # and writing threads of `aoi run` (transistor PaDiM, 2 cores: 35.6 -> 28.7 ms per image)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads > 0:
             options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
