@@ -144,11 +144,23 @@ def aoi_test_pass(request: pytest.FixtureRequest, aoi_cli) -> tuple[Path, Path, 
 
 
 def test_aoi_test_reproduces_fit_metrics(aoi_test_pass) -> None:
+    """Same metrics to float rounding: the fit's test pass takes the validation images' outputs from its
+    validation pass, where they were computed in other batches (last-bit differences)."""
     run, eval_dir, _ = aoi_test_pass
     evaluated = _json(eval_dir / "metrics.json")
     fitted = _json(run / "metrics.json")
+    def same(a, b, where: str) -> None:
+        if isinstance(a, dict):
+            assert isinstance(b, dict) and sorted(a) == sorted(b), where
+            for key in a:
+                same(a[key], b[key], f"{where}.{key}")
+        elif isinstance(a, float) and isinstance(b, float):
+            assert a == pytest.approx(b, abs=1e-9, rel=0, nan_ok=True), where
+        else:
+            assert a == b, where
+
     for section in ("test", "full_test", "val", "per_defect_type"):
-        assert evaluated[section] == fitted[section], section
+        same(evaluated[section], fitted[section], section)
 
 
 def test_aoi_test_keeps_the_fit_logs(aoi_test_pass) -> None:

@@ -225,3 +225,57 @@ def test_fit_over_the_embedding_budget_scores_the_training_images_in_a_second_pa
     assert [r["image_path"] for r in a] == [r["image_path"] for r in b] and len(a) == 12
     np.testing.assert_allclose([r["pred_score"] for r in a], [r["pred_score"] for r in b], rtol=1e-5, atol=1e-5)
     assert [r["label"] for r in a] == [r["label"] for r in b]
+
+
+def test_test_pass_after_fit_reuses_the_validation_outputs(
+    aoi_cli, tiny_fit_argv, tiny_mvtec_root: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """With `val_split: test_half` the validation images are part of the test set: the test pass that follows the
+    fit takes their outputs from the validation pass (the model runs on the other images only), and the results
+    equal a standalone `aoi test`, which computes every image."""
+    from aoi_lightning.models.components.base import AnomalyTorchModel
+    from aoi_lightning.models.lightning_base import AnomalyModule
+
+    seen = {"on": False, "images": 0}
+    real_forward = AnomalyTorchModel.forward
+
+    def counting_forward(self, images):
+        if seen["on"]:
+            seen["images"] += int(images.shape[0])
+        return real_forward(self, images)
+
+    real_start, real_end = AnomalyModule.on_test_epoch_start, AnomalyModule.on_test_epoch_end
+
+    def start(self):
+        seen["on"] = True
+        return real_start(self)
+
+    def end(self):
+        seen["on"] = False
+        return real_end(self)
+
+    monkeypatch.setattr(AnomalyTorchModel, "forward", counting_forward)
+    monkeypatch.setattr(AnomalyModule, "on_test_epoch_start", start)
+    monkeypatch.setattr(AnomalyModule, "on_test_epoch_end", end)
+    argv = tiny_fit_argv("aoi_lightning.models.Padim", tiny_mvtec_root, tmp_path, "reuse", "--seed", "0",
+                         "--data.val_split", "test_half")  # fmt: skip
+    assert aoi_cli(argv) == 0
+    run = tmp_path / "padim" / "synthetic" / "reuse"
+    val, test = read_jsonl(run / "preds_val.jsonl"), read_jsonl(run / "preds_test.jsonl")
+    assert val and test
+    assert seen["images"] == len(test)  # the validation images were not run again
+
+    seen["images"] = 0
+    argv = ["test", "--config", run / "config.yaml", "--ckpt_path", run / "weights" / "model.ckpt",
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    assert aoi_cli(argv) == 0
+    assert seen["images"] == len(test) + len(val)  # standalone: every image
+    (evaluation,) = sorted((run / "eval").glob("test-*"))
+    fresh = {r["image_path"]: r["pred_score"] for r in read_jsonl(evaluation / "preds_test.jsonl")}
+    fit = {r["image_path"]: r["pred_score"] for r in val + test}
+    assert fresh.keys() == fit.keys()
+    np.testing.assert_allclose([fit[k] for k in fresh], [fresh[k] for k in fresh], rtol=1e-5, atol=1e-5)
+    a, b = read_json(run / "metrics.json"), read_json(evaluation / "metrics.json")
+    for split in ("test", "full_test"):
+        for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+            assert a[split][key] == pytest.approx(b[split][key], abs=1e-6), (split, key)

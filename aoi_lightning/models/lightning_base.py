@@ -55,6 +55,10 @@ class AnomalyModule(pl.LightningModule):
         self._synced: set[str] = set()
         #: What the model expects as input: set at fit from the data module, restored from checkpoints.
         self.preprocessing: Preprocessing | None = None
+        #: Outputs of the validation pass of this fit by image path (score (), map (1, H, W)), reused by the test
+        #: pass that follows for the images both passes hold (`val_split: test_half`); see `_evaluate`.
+        self._val_outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._val_outputs_bytes = 0
 
     def make_preprocessing(self, image_size: Preprocessing | int | tuple[int, int]) -> Preprocessing:
         """The model's preprocessing at `image_size` (or a data module's `Preprocessing`), with the backbone's
@@ -81,6 +85,7 @@ class AnomalyModule(pl.LightningModule):
         self._fit_images = 0
         self.train_records = None
         self._fit_items = []
+        self._forget_val_outputs()
         # one process: the training images are scored from the fit pass's embeddings (under DDP each process
         # holds a share only, and rank zero scores them in a pass of its own)
         budget = 0 if distributed.is_distributed() else self.fit_embeddings_mb * 2**20
@@ -135,6 +140,7 @@ class AnomalyModule(pl.LightningModule):
             raise NotFittedError(
                 "the model is not fitted: train it with `aoi fit`, or pass --ckpt_path of a trained run"
             )
+        self._forget_val_outputs()  # outputs of an earlier model
         what = f"{type(self.model).__name__.removesuffix('Model')} fitted on {pending:,} images"
         with phase("finalize", what) as finalize:
             if distributed.is_distributed():
@@ -166,17 +172,53 @@ class AnomalyModule(pl.LightningModule):
     def _thresholds(self) -> tuple[float, float]:
         return float(self.model.image_threshold), float(self.model.pixel_threshold)
 
-    def _evaluate(self, collector: EvaluationCollector, batch: dict) -> dict | None:
+    #: Most bytes of validation maps kept for the test pass (past it, the test pass recomputes them).
+    VAL_OUTPUTS_MAX_BYTES = 512 * 2**20
+
+    def _forget_val_outputs(self) -> None:
+        self._val_outputs, self._val_outputs_bytes = {}, 0
+
+    def _evaluate(self, collector: EvaluationCollector, batch: dict, keep: bool = False, reuse: bool = False):
         """Score the readable images of `batch` into `collector`; returns the batch outputs for callbacks:
-        `pred_score` (B,), `anomaly_map` (B, 1, H, W) and the readable items' `image_path`, `label`, `split`."""
+        `pred_score` (B,), `anomaly_map` (B, 1, H, W) and the readable items' `image_path`, `label`, `split`.
+
+        `keep`: remember the outputs by image path (the validation pass of a fit); `reuse`: take the remembered
+        outputs of images scored before instead of running the model on them again (the test pass right after:
+        the fitted model has not changed, and the validation images are part of the test set)."""
         batch = readable(batch)
         if batch is None:
             return None
-        out = self.model(batch["image"])
-        collector.update(batch, out.pred_score, out.anomaly_map, self._thresholds()[1])
+        paths = list(batch["image_path"])
+        known = [p in self._val_outputs for p in paths] if reuse else [False] * len(paths)
+        if all(known):
+            pred_score = torch.stack([self._val_outputs[p][0] for p in paths]).to(self.device)
+            anomaly_map = torch.stack([self._val_outputs[p][1] for p in paths]).to(self.device)
+        elif not any(known):
+            out = self.model(batch["image"])
+            pred_score, anomaly_map = out.pred_score, out.anomaly_map
+        else:
+            todo = torch.tensor([i for i, k in enumerate(known) if not k], device=batch["image"].device)
+            out = self.model(batch["image"].index_select(0, todo))
+            pred_score = torch.empty((len(paths),), dtype=out.pred_score.dtype, device=out.pred_score.device)
+            anomaly_map = torch.empty(
+                (len(paths), *out.anomaly_map.shape[1:]), dtype=out.anomaly_map.dtype, device=out.anomaly_map.device
+            )
+            pred_score[todo.to(pred_score.device)] = out.pred_score
+            anomaly_map[todo.to(anomaly_map.device)] = out.anomaly_map
+            for i, path in enumerate(paths):
+                if known[i]:
+                    pred_score[i] = self._val_outputs[path][0].to(pred_score.device)
+                    anomaly_map[i] = self._val_outputs[path][1].to(anomaly_map.device)
+        if keep:
+            for i, path in enumerate(paths):
+                size = anomaly_map[i].numel() * anomaly_map.element_size()
+                if self._val_outputs_bytes + size <= self.VAL_OUTPUTS_MAX_BYTES:
+                    self._val_outputs[path] = (pred_score[i].detach().cpu().clone(), anomaly_map[i].detach().cpu().clone())
+                    self._val_outputs_bytes += size
+        collector.update(batch, pred_score, anomaly_map, self._thresholds()[1])
         return {
-            "pred_score": out.pred_score,
-            "anomaly_map": out.anomaly_map,
+            "pred_score": pred_score,
+            "anomaly_map": anomaly_map,
             "image_path": batch["image_path"],
             "label": batch["label"],
             "split": batch["split"],
@@ -186,6 +228,7 @@ class AnomalyModule(pl.LightningModule):
         self.ensure_fitted()
 
     def on_validation_epoch_start(self) -> None:
+        self._forget_val_outputs()
         self.val_collector.reset()
         self._synced.discard("val")
 
@@ -207,7 +250,8 @@ class AnomalyModule(pl.LightningModule):
         return collector
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(self.val_collector, batch)
+        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        self._evaluate(self.val_collector, batch, keep=fitting)
 
     def on_validation_epoch_end(self) -> None:
         image_t, pixel_t = self._thresholds()
@@ -224,9 +268,10 @@ class AnomalyModule(pl.LightningModule):
         self._synced.discard("test")
 
     def test_step(self, batch: dict, batch_idx: int) -> dict | None:
-        return self._evaluate(self.test_collector, batch)
+        return self._evaluate(self.test_collector, batch, reuse=True)
 
     def on_test_epoch_end(self) -> None:
+        self._forget_val_outputs()
         image_t, pixel_t = self._thresholds()
         self.test_report = build_metrics_report(self.synced_collector("test"), self.split_policy, image_t, pixel_t)
         self._log_scalars("test", self.test_report.get("test", {}))

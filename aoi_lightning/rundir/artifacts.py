@@ -35,7 +35,9 @@ def decorate(records: list[dict], image_threshold: float) -> list[dict]:
 def write_fit_checkpoint(trainer: Trainer, model: AnomalyModule, datamodule, run: RunDir, timings: dict) -> None:
     """After `fit`, before the test pass: the checkpoint and `preds_train.jsonl` (the training images' scores,
     reused from the threshold tuning when it already computed them)."""
+    start = time.perf_counter()
     trainer.save_checkpoint(run.checkpoint, weights_only=True)
+    timings["checkpoint_s"] = time.perf_counter() - start
     image_t = float(model.model.image_threshold)
     start = time.perf_counter()
     if trainer.is_global_zero:
