@@ -297,6 +297,11 @@ def aoi_run_loop(
     }
 
 
+def _run_label(run_dir: str) -> str:
+    """`<model>/<category>/<run_id>` of a run directory (the last three parts)."""
+    return "/".join(Path(run_dir).parts[-3:])
+
+
 def aoi_run_table(rows: list[dict]) -> str:
     cols = [
         ("run", "run_dir"), ("backend", "backend"), ("batch", "batch_size"), ("decode threads", "num_workers"),
@@ -310,7 +315,7 @@ def aoi_run_table(rows: list[dict]) -> str:
         cells = []
         for _, key in cols:
             value = row[key]
-            cells.append(Path(value).name if key == "run_dir" else f"{value:.2f}" if isinstance(value, float) else str(value))
+            cells.append(_run_label(value) if key == "run_dir" else f"{value:.2f}" if isinstance(value, float) else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
