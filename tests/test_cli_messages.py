@@ -34,7 +34,8 @@ def test_model_option_typo_is_one_line_with_the_closest_match(tmp_path: Path) ->
     assert _lines(res.stderr) == [
         "aoi fit: error: model.init_args.corset_ratio: not an option of Patchcore; did you mean coreset_ratio? "
         "(options of Patchcore: backbone, layers, weights, coreset_ratio, num_neighbors, projection_dim, seed, "
-        "bank_dtype, search, sigma, index, index_params, tile_size, tile_overlap, tile_thresholds, tile_batch)"
+        "bank_dtype, search, sigma, index, index_params, tile_size, tile_overlap, tile_thresholds, tile_batch, "
+        "fit_embeddings_mb)"
     ], res.stderr
     assert not (tmp_path / "patchcore").exists()
 
