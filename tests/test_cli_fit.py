@@ -149,6 +149,7 @@ def test_aoi_test_reproduces_fit_metrics(aoi_test_pass) -> None:
     run, eval_dir, _ = aoi_test_pass
     evaluated = _json(eval_dir / "metrics.json")
     fitted = _json(run / "metrics.json")
+
     def same(a, b, where: str) -> None:
         if isinstance(a, dict):
             assert isinstance(b, dict) and sorted(a) == sorted(b), where

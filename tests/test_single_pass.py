@@ -203,9 +203,7 @@ def test_fit_decodes_each_training_image_once_and_scores_it_from_the_fit_pass(
     kept = read_jsonl(run / "preds_train.jsonl")
     assert [r["image_path"] for r in kept] == [r["image_path"] for r in second]
     assert [r["defect_type"] for r in kept] == [r["defect_type"] for r in second]
-    np.testing.assert_allclose(
-        [r["pred_score"] for r in kept], [r["pred_score"] for r in second], rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose([r["pred_score"] for r in kept], [r["pred_score"] for r in second], rtol=1e-5, atol=1e-5)
 
 
 def test_fit_over_the_embedding_budget_scores_the_training_images_in_a_second_pass(

@@ -12,7 +12,6 @@ On the real category at `--sizes`; on the built-in synthetic set at the first si
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import data_parser  # noqa: E402
 from benchmark import run_isolated  # noqa: E402
 
 BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
@@ -51,7 +51,8 @@ def table(rows: list[dict]) -> str:
             "peak RSS MB")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        def cell(key: str, digits: int) -> str:
+
+        def cell(key: str, digits: int, r: dict = r) -> str:
             value, spread = r.get(key), r.get(f"{key}_spread")
             if value is None:
                 return "-"
@@ -66,10 +67,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", default="../shared/datasets/mvtec_ad")
-    parser.add_argument("--category", default="transistor")
-    parser.add_argument("--models", nargs="+", default=["padim", "patchcore"], choices=["padim", "patchcore"])
+    parser = data_parser(__doc__)
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 320])
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="synthetic sets (none: skip)")

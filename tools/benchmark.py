@@ -18,7 +18,6 @@ overlays, next to the same back end's model forward at the same batch size, inte
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import resource
@@ -29,6 +28,10 @@ from pathlib import Path
 from queue import Empty
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import data_parser  # noqa: E402
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -246,9 +249,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def aoi_run_loop(
-    run_dir: str, backend: str, input_dir: str, batch_size: int, num_workers: int, repeats: int
-) -> dict:
+def aoi_run_loop(run_dir: str, backend: str, input_dir: str, batch_size: int, num_workers: int, repeats: int) -> dict:
     """`aoi run`'s loop (decode, forward, post-processing, files) over `input_dir`, without and with masks and
     overlays, and the back end's forward alone on a batch of the same size, `repeats` times each, interleaved.
     Medians in ms per image; `ratio_*`: the loop over the forward."""
@@ -315,7 +316,10 @@ def aoi_run_table(rows: list[dict]) -> str:
         cells = []
         for _, key in cols:
             value = row[key]
-            cells.append(_run_label(value) if key == "run_dir" else f"{value:.2f}" if isinstance(value, float) else str(value))
+            if key == "run_dir":
+                cells.append(_run_label(value))
+            else:
+                cells.append(f"{value:.2f}" if isinstance(value, float) else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -327,16 +331,13 @@ def _write(rows: list[dict], output: Path, markdown: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = data_parser(__doc__)
     parser.add_argument("--aoi_run", nargs="+", default=None, metavar="RUN_DIR",
                         help="measure the aoi run loop of these runs instead of fitting")  # fmt: skip
     parser.add_argument("--input_dir", default="../shared/datasets/mvtec_ad/transistor/test")
     parser.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx", "openvino"])
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--decode_threads", type=int, default=1, help="aoi run --num_workers")
-    parser.add_argument("--root", default="../shared/datasets/mvtec_ad")
-    parser.add_argument("--category", default="transistor")
-    parser.add_argument("--models", nargs="+", default=["padim", "patchcore"], choices=["padim", "patchcore"])
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--weights", default="package")
     parser.add_argument("--image_size", type=int, default=256)

@@ -27,6 +27,10 @@ from pathlib import Path
 
 import cv2
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import data_parser  # noqa: E402
+
 #: Phase lines that `aoi fit` logs (`INFO: <name>: <seconds> s (...)`), in the order of the table.
 FIT_PHASES = ("finalize", "coreset", "training-image scores", "ONNX export", "consistency check", "report")
 PHASE_LINE = re.compile(r"INFO: ([A-Za-z][A-Za-z -]*): ([0-9.]+) s\b")
@@ -139,7 +143,8 @@ def profile_run(aoi: str, run_dir: str, test_dir: Path, backend: str, work: Path
             shutil.rmtree(out)
         cmd = [aoi, "run", "--model_dir", run_dir, "--input_dir", str(folder), "--output_dir", str(out),
                "--backend", backend, "--no_progress", *flags]  # fmt: skip
-        row[f"{label} wall_s"] = timed(cmd, logs / f"run_{Path(run_dir).parts[-3]}_{backend}_{label.replace(' ', '_')}.log")
+        log = logs / f"run_{Path(run_dir).parts[-3]}_{backend}_{label.replace(' ', '_')}.log"
+        row[f"{label} wall_s"] = timed(cmd, log)
     n = max(1, len(images) - 1)
     row["marginal ms/image"] = (row["all wall_s"] - row["1 image wall_s"]) / n * 1000
     row["marginal ms/image + pictures"] = (row["all + pictures wall_s"] - row["1 image + pictures wall_s"]) / n * 1000
@@ -155,10 +160,7 @@ def markdown(rows: list[dict], keys: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", default="../shared/datasets/mvtec_ad")
-    parser.add_argument("--category", default="transistor")
-    parser.add_argument("--models", nargs="+", default=["padim", "patchcore"], choices=["padim", "patchcore"])
+    parser = data_parser(__doc__)
     parser.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx", "openvino"])
     parser.add_argument("--aoi", default=shutil.which("aoi") or "aoi", help="the aoi executable to profile")
     parser.add_argument("--work_dir", default="profile_work", help="runs, logs and the larger set go here")

@@ -168,6 +168,7 @@ class AnomalyModule(pl.LightningModule):
             return
         self.train_records = [{**item, "pred_score": score} for item, score in zip(items, scores)]
         self.timings["score_train_from_fit_s"] = scoring.seconds
+
     # -- evaluation -------------------------------------------------------------------------------------------
     def _thresholds(self) -> tuple[float, float]:
         return float(self.model.image_threshold), float(self.model.pixel_threshold)
@@ -213,7 +214,8 @@ class AnomalyModule(pl.LightningModule):
             for i, path in enumerate(paths):
                 size = anomaly_map[i].numel() * anomaly_map.element_size()
                 if self._val_outputs_bytes + size <= self.VAL_OUTPUTS_MAX_BYTES:
-                    self._val_outputs[path] = (pred_score[i].detach().cpu().clone(), anomaly_map[i].detach().cpu().clone())
+                    kept = (pred_score[i].detach().cpu().clone(), anomaly_map[i].detach().cpu().clone())
+                    self._val_outputs[path] = kept
                     self._val_outputs_bytes += size
         collector.update(batch, pred_score, anomaly_map, self._thresholds()[1])
         return {
