@@ -66,9 +66,10 @@ class StreamingMoments:
         n = self.count
         m = self.sum[:, sel] / n  # mean of centred data (C, p)
         mean = self.shift[:, sel] + m
-        mt = m.transpose(0, 1)  # (p, C)
-        cov = (self.outer[sel] - n * mt.unsqueeze(2) * mt.unsqueeze(1)) / (n - 1)
-        return mean, cov
+        mt = m.transpose(0, 1).unsqueeze(2)  # (p, C, 1)
+        # outer - n m m^T in one batched product into a new tensor (no full-size temporaries; same values)
+        cov = torch.baddbmm(self.outer[sel], mt, mt.transpose(1, 2), alpha=-float(n))
+        return mean, cov.div_(n - 1)
 
     def whitening_blocks(self, regularization: float = 0.01, chunk: int = 256):
         """Yield (start, mean (C, n), whitening W (n, C, C)) in float32 for blocks of n <= `chunk` positions,
