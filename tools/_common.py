@@ -1,4 +1,5 @@
-"""What the measurement scripts in tools/ share: the data and model options of their command lines."""
+"""What the measurement scripts in tools/ share: the data and model options of their command lines, and the
+Markdown tables they print."""
 
 from __future__ import annotations
 
@@ -15,3 +16,10 @@ def data_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--category", default="transistor")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     return parser
+
+
+def markdown_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
+    """A Markdown table of `header` and `rows` of cell texts."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)

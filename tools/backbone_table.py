@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import data_parser  # noqa: E402
+from _common import data_parser, markdown_table  # noqa: E402
 from benchmark import run_isolated  # noqa: E402
 
 BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
@@ -49,21 +49,21 @@ def summarise(rows: list[dict]) -> dict:
 def table(rows: list[dict]) -> str:
     head = ("data", "model", "backbone", "size", "runs", "image AUROC", "pixel AUROC", "AUPRO", "fit s", "batch-1 ms",
             "peak RSS MB")  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
+    metrics = (("image_auroc", 3), ("pixel_auroc", 3), ("pixel_aupro", 3), ("fit_total_s", 1), ("batch1_ms", 1),
+               ("peak_rss_mb", 0))  # fmt: skip
 
-        def cell(key: str, digits: int, r: dict = r) -> str:
-            value, spread = r.get(key), r.get(f"{key}_spread")
-            if value is None:
-                return "-"
-            return f"{value:.{digits}f}" + (f" (±{spread / 2:.{digits}f})" if spread else "")
+    def cell(r: dict, key: str, digits: int) -> str:
+        value, spread = r.get(key), r.get(f"{key}_spread")
+        if value is None:
+            return "-"
+        return f"{value:.{digits}f}" + (f" (±{spread / 2:.{digits}f})" if spread else "")
 
-        lines.append(
-            f"| {r['data']} | {r['model']} | {r['backbone'].replace('tf_efficientnet_', '')} | {r['size']} | "
-            f"{r['runs']} | {cell('image_auroc', 3)} | {cell('pixel_auroc', 3)} | {cell('pixel_aupro', 3)} | "
-            f"{cell('fit_total_s', 1)} | {cell('batch1_ms', 1)} | {cell('peak_rss_mb', 0)} |"
-        )
-    return "\n".join(lines)
+    body = [
+        [r["data"], r["model"], r["backbone"].replace("tf_efficientnet_", ""), str(r["size"]), str(r["runs"])]
+        + [cell(r, key, digits) for key, digits in metrics]
+        for r in rows
+    ]
+    return markdown_table(head, body)
 
 
 def main(argv: list[str] | None = None) -> int:

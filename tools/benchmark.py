@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import data_parser  # noqa: E402
+from _common import data_parser, markdown_table  # noqa: E402
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -237,16 +237,13 @@ def table(rows: list[dict]) -> str:
         ("pix AUROC", "pixel_auroc"),
         ("AUPRO", "pixel_aupro"),
     ]
-    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    body = []
     for r in rows:
-        cells = []
-        for _, key in cols:
-            v = r.get(key)
-            cells.append("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
+        values = [r.get(key) for _, key in cols]
+        body.append(["-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in values])
         if "error" in r:
-            lines.append(f"| error: {r['error']} |")
-    return "\n".join(lines)
+            body.append([f"error: {r['error']}"])
+    return markdown_table([c for c, _ in cols], body)
 
 
 def aoi_run_loop(run_dir: str, backend: str, input_dir: str, batch_size: int, num_workers: int, repeats: int) -> dict:
@@ -311,17 +308,13 @@ def aoi_run_table(rows: list[dict]) -> str:
         ("+ masks, overlays ms/img", "run_pictures_ms_per_image"), ("img/s", "run_pictures_images_per_s"),
         ("ratio", "ratio_run_pictures"),
     ]  # fmt: skip
-    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
-    for row in rows:
-        cells = []
-        for _, key in cols:
-            value = row[key]
-            if key == "run_dir":
-                cells.append(_run_label(value))
-            else:
-                cells.append(f"{value:.2f}" if isinstance(value, float) else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def text(key: str, value) -> str:
+        if key == "run_dir":
+            return _run_label(value)
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    return markdown_table([c for c, _ in cols], [[text(key, row[key]) for _, key in cols] for row in rows])
 
 
 def _write(rows: list[dict], output: Path, markdown: str) -> None:

@@ -29,7 +29,7 @@ import cv2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import data_parser  # noqa: E402
+from _common import data_parser, markdown_table  # noqa: E402
 
 #: Phase lines that `aoi fit` logs (`INFO: <name>: <seconds> s (...)`), in the order of the table.
 FIT_PHASES = ("finalize", "coreset", "training-image scores", "ONNX export", "consistency check", "report")
@@ -152,11 +152,10 @@ def profile_run(aoi: str, run_dir: str, test_dir: Path, backend: str, work: Path
 
 
 def markdown(rows: list[dict], keys: list[str]) -> str:
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for row in rows:
-        cells = [f"{row.get(k):.1f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def text(value) -> str:
+        return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+    return markdown_table(keys, [[text(row.get(k, "")) for k in keys] for row in rows])
 
 
 def main(argv: list[str] | None = None) -> int:

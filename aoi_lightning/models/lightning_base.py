@@ -190,26 +190,17 @@ class AnomalyModule(pl.LightningModule):
         if batch is None:
             return None
         paths = list(batch["image_path"])
-        known = [p in self._val_outputs for p in paths] if reuse else [False] * len(paths)
-        if all(known):
-            pred_score = torch.stack([self._val_outputs[p][0] for p in paths]).to(self.device)
-            anomaly_map = torch.stack([self._val_outputs[p][1] for p in paths]).to(self.device)
-        elif not any(known):
+        outputs = {i: self._val_outputs[p] for i, p in enumerate(paths) if reuse and p in self._val_outputs}
+        if not outputs:
             out = self.model(batch["image"])
             pred_score, anomaly_map = out.pred_score, out.anomaly_map
-        else:
-            todo = torch.tensor([i for i, k in enumerate(known) if not k], device=batch["image"].device)
-            out = self.model(batch["image"].index_select(0, todo))
-            pred_score = torch.empty((len(paths),), dtype=out.pred_score.dtype, device=out.pred_score.device)
-            anomaly_map = torch.empty(
-                (len(paths), *out.anomaly_map.shape[1:]), dtype=out.anomaly_map.dtype, device=out.anomaly_map.device
-            )
-            pred_score[todo.to(pred_score.device)] = out.pred_score
-            anomaly_map[todo.to(anomaly_map.device)] = out.anomaly_map
-            for i, path in enumerate(paths):
-                if known[i]:
-                    pred_score[i] = self._val_outputs[path][0].to(pred_score.device)
-                    anomaly_map[i] = self._val_outputs[path][1].to(anomaly_map.device)
+        else:  # the remembered outputs, and the model's for the other images
+            todo = [i for i in range(len(paths)) if i not in outputs]
+            if todo:
+                out = self.model(batch["image"][todo])
+                outputs.update({i: (out.pred_score[k], out.anomaly_map[k]) for k, i in enumerate(todo)})
+            pred_score = torch.stack([outputs[i][0].to(self.device) for i in range(len(paths))])
+            anomaly_map = torch.stack([outputs[i][1].to(self.device) for i in range(len(paths))])
         if keep:
             for i, path in enumerate(paths):
                 size = anomaly_map[i].numel() * anomaly_map.element_size()

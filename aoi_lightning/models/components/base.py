@@ -66,10 +66,6 @@ class FitEmbeddings:
         self.parts.append((embedding.detach().to("cpu", torch.float32, copy=True), tuple(input_size)))
         self.nbytes += size
 
-    @property
-    def num_images(self) -> int:
-        return sum(int(e.shape[0]) for e, _ in self.parts)
-
 
 class AnomalyTorchModel(nn.Module):
     """Base class: thresholds as buffers (they travel in checkpoints and exports), a fitted flag, map smoothing,

@@ -163,7 +163,8 @@ class GaussianStats(nn.Module):
         self.register_buffer("wt_panels", torch.empty(0))
         self.register_buffer("bounds", torch.empty(0, dtype=torch.int64))
         self._bounds: list[int] = []
-        self._export_panel_names: list[list[str]] | None = None
+        #: float32 panels per block of positions while `export_panels` is active (else None)
+        self._export_panels: list[list[torch.Tensor]] | None = None
 
     def set(self, mean: torch.Tensor, whitening: torch.Tensor) -> None:
         """Store mean (C, P) in float32 and whitening W (P, C, C, lower triangular) in the storage dtype."""
@@ -242,31 +243,19 @@ class GaussianStats(nn.Module):
 
     @contextlib.contextmanager
     def export_panels(self) -> Iterator[None]:
-        """Within the block a traced forward reads each (block of positions, panel) matrix as a buffer of its
-        own, in float32, instead of slicing and widening `wt_panels` in the graph: the ONNX exporter's shape
-        inference then handles each matrix once (5.6 s -> 0.3 s for transistor's 4096 positions) and its
-        constant folding has nothing to copy. The graph computes the same products."""
+        """Within the block a traced forward reads each (block of positions, panel) matrix as a float32 tensor of
+        its own instead of slicing and widening `wt_panels` in the graph: the ONNX exporter's shape inference
+        then handles each matrix once (5.6 s -> 0.3 s for transistor's 4096 positions) and its constant folding
+        has nothing to copy. The graph computes the same products."""
         step = self.chunk
-        names: list[list[str]] = []
-        for k, start in enumerate(range(0, self.wt_panels.shape[0], step)):
-            row = []
-            for i, view in enumerate(self.panel_views(self.wt_panels[start : start + step])):
-                name = f"export_panel_{k}_{i}"
-                self.register_buffer(name, view.to(torch.float32).contiguous(), persistent=False)
-                row.append(name)
-            names.append(row)
-        self._export_panel_names = names
+        self._export_panels = [
+            [view.to(torch.float32).contiguous() for view in self.panel_views(self.wt_panels[start : start + step])]
+            for start in range(0, self.wt_panels.shape[0], step)
+        ]
         try:
             yield
         finally:
-            for name in (n for row in names for n in row):
-                delattr(self, name)
-            self._export_panel_names = None
-
-    @property
-    def _export_panels(self) -> list[list[torch.Tensor]] | None:
-        names = getattr(self, "_export_panel_names", None)
-        return None if not names else [[getattr(self, n) for n in row] for row in names]
+            self._export_panels = None
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         """Embedding (B, C, P) -> distances (B, P).
