@@ -138,6 +138,7 @@ def test_onnx_records_masks_and_overlays_equal_aoi_run(onnx_server, patchcore_ru
         assert_same_record({k: v for k, v in body.items() if k != "request_id"}, expected)
     info = client.get("/info").json()
     assert info["backend"] == "onnx" and info["run_id"] == patchcore_run.name and info["input_size"] == [64, 64]
+    assert info["resize"] == "stretch"
     import hashlib
 
     assert info["sha256"] == hashlib.sha256((patchcore_run / "export" / "model.onnx").read_bytes()).hexdigest()

@@ -32,8 +32,8 @@ MIN_SIDE = 32
 def parse_image_size(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     """The working size (h, w) of `data.image_size`: an integer is a square, `[h, w]` a rectangle.
 
-    Images of any size are stretched to (h, w) (no padding, no crop): choose (h, w) with the aspect ratio of
-    the parts. Each side must be a multiple of 16 and at least 32.
+    Each side must be a multiple of 16 and at least 32. How images of other sizes become (h, w) is
+    `data.resize` (`MVTecDataModule`).
 
     Raises:
         DataError: not one or two positive integers (`preprocess.image_size_hw`), or a side that is too small or
@@ -61,8 +61,11 @@ class MVTecDataModule(pl.LightningDataModule):
             `$AOI_CACHE_DIR` or `~/.cache/aoi_lightning`).
         category: category folder under root.
         image_size: working size of the models: an integer (square) or `[h, w]`; each side a multiple of 16,
-            >= 32. Every image is stretched to (h, w) in training and inference alike; pick (h, w) with the aspect
-            ratio of the parts (e.g. `[96, 320]` for strips photographed at about 1:3.3).
+            >= 32. Pick (h, w) with the aspect ratio of the parts (e.g. `[96, 320]` for strips photographed at
+            about 1:3.3).
+        resize: how an image becomes (h, w), in training and inference alike (`preprocess.Preprocessing`):
+            `stretch` (default: scaled to exactly (h, w), aspect ratio not kept) or `fit_pad` (aspect ratio kept,
+            centred, padded with black; for inputs whose aspect ratio varies or differs from (h, w)).
         mask_suffix: suffix of mask file stems.
         val_split: `test_half` (seeded half of each test defect type; test metrics on the other half),
             `same_as_test` (validation = test; optimistic), `calibration` (held-out good training images;
@@ -81,6 +84,7 @@ class MVTecDataModule(pl.LightningDataModule):
         root: str | None = None,
         category: str = "synthetic",
         image_size: int | tuple[int, int] = 256,
+        resize: str = "stretch",
         mask_suffix: str = "_mask",
         val_split: str = "test_half",
         val_fraction: float = 0.5,
@@ -97,6 +101,11 @@ class MVTecDataModule(pl.LightningDataModule):
         self.root = root
         self.category = category
         self.image_size = parse_image_size(image_size)
+        try:
+            self._preprocessing = Preprocessing.from_image_size(self.image_size, resize=resize)
+        except PreprocessingError as exc:
+            raise DataError(f"data.{exc}".replace("preprocessing resize", "resize")) from exc
+        self.resize = resize
         self.mask_suffix = mask_suffix
         self.val_split = val_split
         self.val_fraction = val_fraction
@@ -114,8 +123,8 @@ class MVTecDataModule(pl.LightningDataModule):
 
     @property
     def preprocessing(self) -> Preprocessing:
-        """How every image of this data module becomes a model input (resized to `image_size`)."""
-        return Preprocessing.from_image_size(self.image_size)
+        """How every image of this data module becomes a model input (`image_size`, `resize`)."""
+        return self._preprocessing
 
     @property
     def data_root(self) -> Path:
@@ -190,6 +199,7 @@ class MVTecDataModule(pl.LightningDataModule):
             "root": str(self.data_root),
             "category": self.category,
             "image_size": list(self.image_size),
+            "resize": self.resize,
             "val_split": self.val_split,
             "num_train": len(self.train_samples),
             "num_val": len(self.val_samples),

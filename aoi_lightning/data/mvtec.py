@@ -159,7 +159,8 @@ class AnomalyDataset(Dataset):
             unreadable; collate with `batches.collate_keeping_originals`), e.g. for overlays.
 
     Item keys: image (3, H, W) float in [0, 1] (`Preprocessing.load`), mask (1, H, W) uint8, has_mask, label,
-    defect_type, split, image_path, original_size (2,) [h, w], index, error (and `original_rgb`).
+    defect_type, split, image_path, original_size (2,) [h, w], content_box (4,) [top, left, height, width] of
+    the image in the model input (`Preprocessing.content_box`), index, error (and `original_rgb`).
     """
 
     def __init__(
@@ -185,7 +186,7 @@ class AnomalyDataset(Dataset):
         mask = np.zeros(self.image_size, dtype=np.uint8)
         if s.mask_path is not None and not error:
             try:
-                mask = self.preprocessing.resize_mask(read_mask(s.mask_path))
+                mask = self.preprocessing.resize_mask(read_mask(s.mask_path), loaded.original_size)
             except ImageReadError as exc:
                 log.warning("%s", exc)
                 has_mask = False
@@ -198,6 +199,7 @@ class AnomalyDataset(Dataset):
             "split": s.split,
             "image_path": s.image_path,
             "original_size": torch.tensor(loaded.original_size, dtype=torch.int64),
+            "content_box": torch.tensor(self.preprocessing.content_box(loaded.original_size), dtype=torch.int64),
             "index": index,
             "error": error,
         }

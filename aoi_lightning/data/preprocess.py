@@ -8,14 +8,24 @@ reproduces what the model was fitted on, bit for bit.
 The steps, in order:
 
 1. decode (`image_io.read_image_with_size`): any supported format, mode and bit depth -> RGB uint8 (h, w, 3);
-2. resize to `image_size` (H, W) by stretching: the aspect ratio is **not** kept, the image is scaled to exactly
-   H x W. Pick an (H, W) with the aspect ratio of your parts (e.g. [256, 384] for 2:3 images) to avoid
-   distortion. Interpolation `area_linear`: OpenCV `INTER_AREA` when neither side grows, else `INTER_LINEAR`;
+2. resize to `image_size` (H, W), by the `resize` mode:
+
+   - `stretch` (default): the image is scaled to exactly H x W and its aspect ratio is **not** kept. Pick an
+     (H, W) with the aspect ratio of your parts (e.g. [256, 384] for 2:3 images) to avoid distortion.
+   - `fit_pad`: the aspect ratio is kept. The image is scaled by s = min(H / h, W / w) to (round(h s), round(w s)),
+     centred, and the rest of H x W is padded with black (0). This is for inputs whose aspect ratio varies or
+     differs from (H, W). The part of the model input that holds the image is its *content box*
+     (`Preprocessing.content_box`). Anomaly maps are cropped to that box before defects are located and mapped
+     back to the original image (`postprocess.prediction`), and pixel metrics count only its pixels. Training
+     images are padded the same way, so the model learns the black border as normal.
+
+   Interpolation `area_linear`: OpenCV `INTER_AREA` when neither side grows, else `INTER_LINEAR`;
 3. (H, W, 3) -> (3, H, W) float32 by dividing the uint8 values by 255: RGB in [0, 1];
 4. normalisation with `mean`/`std` happens **inside the model** (and the ONNX graph): they are recorded here as a
    fact of the model, never applied by this module.
 
-Masks are resized with the same geometry and nearest-neighbour interpolation (they stay binary).
+Masks are resized with the same geometry and nearest-neighbour interpolation (they stay binary); with `fit_pad` a
+mask whose size differs from its image's is first stretched onto the image, then padded like it.
 
 Torch-free: importable where only numpy, OpenCV and onnxruntime are installed.
 """
@@ -32,8 +42,14 @@ from aoi_lightning.data.image_io import ImageReadError, read_image_with_size, re
 
 #: Interpolations of the resize step (`Preprocessing.interpolation`) and what they mean.
 INTERPOLATIONS = {"area_linear": "cv2.INTER_AREA when neither side grows, else cv2.INTER_LINEAR"}
-#: Resize modes (`Preprocessing.resize`): `stretch` scales to exactly (H, W), without keeping the aspect ratio.
-RESIZE_MODES = ("stretch",)
+#: Resize modes (`Preprocessing.resize`) and what they do.
+RESIZE_DESCRIPTIONS = {
+    "stretch": "stretch to image_size (aspect ratio not kept)",
+    "fit_pad": "scale to fit inside image_size keeping the aspect ratio, centre, pad with black (0)",
+}
+RESIZE_MODES = tuple(RESIZE_DESCRIPTIONS)
+#: uint8 value of the padding of `fit_pad` (every channel).
+PAD_VALUE = 0
 #: Where the normalisation with mean/std happens (`Preprocessing.normalization`).
 NORMALIZATION_PLACES = ("in_model",)
 #: Largest value of the decoded uint8 image: the model input is value / PIXEL_SCALE, in [0, 1].
@@ -107,7 +123,8 @@ class Preprocessing:
         interpolation: resize interpolation, a key of `INTERPOLATIONS` (`area_linear`).
         mean: per-channel (R, G, B) mean the model subtracts inside its forward pass (None: not recorded).
         std: per-channel (R, G, B) standard deviation the model divides by inside (None: not recorded).
-        resize: `stretch`: resized to exactly (H, W), the aspect ratio is not kept.
+        resize: `stretch`: resized to exactly (H, W), the aspect ratio is not kept; `fit_pad`: aspect ratio kept,
+            centred in (H, W) and padded with black (see the module docstring and `content_box`).
         channels: channel order of the input, `RGB`.
         scale: the uint8 values are divided by this (255.0), giving float32 in [0, 1].
         normalization: `in_model`: mean/std are applied by the model (and the ONNX graph), not by the caller.
@@ -149,10 +166,14 @@ class Preprocessing:
     # -- construction and serialisation ----------------------------------------------------------------------
     @classmethod
     def from_image_size(
-        cls, image_size: int | Sequence[int], mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+        cls,
+        image_size: int | Sequence[int],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        resize: str = "stretch",
     ) -> Preprocessing:
-        """The default preprocessing at `image_size` (one side for a square, or [h, w])."""
-        return cls(image_size_hw(image_size), mean=mean, std=std)
+        """The preprocessing at `image_size` (one side for a square, or [h, w]), `stretch` unless told."""
+        return cls(image_size_hw(image_size), mean=mean, std=std, resize=resize)
 
     def with_normalization(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> Preprocessing:
         """A copy that records the model's in-graph normalisation."""
@@ -192,12 +213,45 @@ class Preprocessing:
         return cls(**{k: v for k, v in data.items()})
 
     # -- images ----------------------------------------------------------------------------------------------
-    def resize_image(self, image: np.ndarray) -> np.ndarray:
-        """(h, w, C) uint8 -> (H, W, C) uint8, stretched to `image_size` (`image_io.resize_image`)."""
-        return resize_image(image, self.image_size)
+    def content_box(self, original_size: Sequence[int]) -> tuple[int, int, int, int]:
+        """Where an image of `original_size` lies in the model input: (top, left, height, width), model pixels.
 
-    def to_model_input(self, image: np.ndarray) -> np.ndarray:
-        """Decoded RGB uint8 image (h, w, 3) -> model input (3, H, W) float32 in [0, 1] (not normalised).
+        `stretch`: the whole input, (0, 0, H, W). `fit_pad`: the centred box of the image scaled by
+        s = min(H / h, W / w), each side round(side x s), clamped to [1, H] or [1, W]. An unknown size (a side
+        of 0, e.g. an unreadable image) gives the whole input.
+        """
+        big_h, big_w = self.image_size
+        h, w = (int(v) for v in original_size)
+        if self.resize == "stretch" or h <= 0 or w <= 0:
+            return 0, 0, big_h, big_w
+        s = min(big_h / h, big_w / w)
+        box_h = min(big_h, max(1, round(h * s)))
+        box_w = min(big_w, max(1, round(w * s)))
+        return (big_h - box_h) // 2, (big_w - box_w) // 2, box_h, box_w
+
+    def _place(self, resized: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+        """`resized` (box_h, box_w, ...) in a PAD_VALUE canvas of `image_size` at `box`."""
+        top, left, box_h, box_w = box
+        canvas = np.full((*self.image_size, *resized.shape[2:]), PAD_VALUE, dtype=resized.dtype)
+        canvas[top : top + box_h, left : left + box_w] = resized
+        return canvas
+
+    def resize_image(self, image: np.ndarray, original_size: Sequence[int] | None = None) -> np.ndarray:
+        """(h, w, C) uint8 -> (H, W, C) uint8 by the `resize` mode (`image_io.resize_image` does the scaling).
+
+        Args:
+            image: the decoded image.
+            original_size: (h, w) of the full-size image when `image` is its reduced decoding (`fit_pad` places it
+                in the box of the full size, as `content_box` gives it to the postprocessing); default its shape.
+        """
+        if self.resize == "stretch":
+            return resize_image(image, self.image_size)
+        box = self.content_box(image.shape[:2] if original_size is None else original_size)
+        return self._place(resize_image(image, box[2:]), box)
+
+    def to_model_input(self, image: np.ndarray, original_size: Sequence[int] | None = None) -> np.ndarray:
+        """Decoded RGB uint8 image (h, w, 3) -> model input (3, H, W) float32 in [0, 1] (not normalised);
+        `original_size` as in `resize_image`.
 
         Raises:
             ValueError: not a uint8 (h, w, 3) array.
@@ -205,12 +259,23 @@ class Preprocessing:
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
             raise ValueError(f"expected an RGB uint8 image (h, w, 3), got {desc}")
-        small = self.resize_image(image)
+        small = self.resize_image(image, original_size)
         return np.ascontiguousarray(small.transpose(2, 0, 1)).astype(np.float32) / np.float32(self.scale)
 
-    def resize_mask(self, mask: np.ndarray) -> np.ndarray:
-        """Binary mask (h, w) uint8 -> (H, W) uint8, same geometry as the image, nearest neighbour."""
-        return resize_mask(mask, self.image_size)
+    def resize_mask(self, mask: np.ndarray, original_size: Sequence[int] | None = None) -> np.ndarray:
+        """Binary mask (h, w) uint8 -> (H, W) uint8, the geometry of its image, nearest neighbour.
+
+        Args:
+            mask: the decoded mask.
+            original_size: (h, w) of its image; with `fit_pad` a mask of another size is first stretched onto
+                the image (default: the mask's own size).
+        """
+        if self.resize == "stretch":
+            return resize_mask(mask, self.image_size)
+        if original_size is not None and tuple(mask.shape[:2]) != tuple(int(v) for v in original_size):
+            mask = resize_mask(mask, tuple(int(v) for v in original_size))
+        box = self.content_box(mask.shape[:2])
+        return self._place(resize_mask(mask, box[2:]), box)
 
     def load(self, path: str | Path, keep_original: bool = False) -> LoadedImage:
         """Decode an image file and make its model input; an unreadable file gives `error`, never an exception.
@@ -224,7 +289,8 @@ class Preprocessing:
             image, original_size = read_image_with_size(path)
         except ImageReadError as exc:
             return LoadedImage(path, error=str(exc))
-        return LoadedImage(path, original_size, image if keep_original else None, self.to_model_input(image))
+        model_input = self.to_model_input(image, original_size)
+        return LoadedImage(path, original_size, image if keep_original else None, model_input)
 
     def blank_input(self) -> np.ndarray:
         """Zeros (3, H, W) float32: the placeholder input of an unreadable image in a batch."""
@@ -232,5 +298,5 @@ class Preprocessing:
 
 
 def as_preprocessing(value: Preprocessing | int | Sequence[int]) -> Preprocessing:
-    """A `Preprocessing` as is, or the default one at an image size (one side, or [h, w])."""
+    """A `Preprocessing` as is, or the default (`stretch`) one at an image size (one side, or [h, w])."""
     return value if isinstance(value, Preprocessing) else Preprocessing.from_image_size(value)

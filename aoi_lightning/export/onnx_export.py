@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import torch
 
-from aoi_lightning.data.preprocess import INTERPOLATIONS, Preprocessing
+from aoi_lightning.data.preprocess import INTERPOLATIONS, RESIZE_DESCRIPTIONS, Preprocessing
 from aoi_lightning.fileio import dumps, read_json, sha256_of, write_json
 from aoi_lightning.models.components.base import AnomalyTorchModel, InferenceOutput
 from aoi_lightning.progress import phase
@@ -236,7 +236,7 @@ def export_onnx(
                     "range": [0.0, 1.0],
                     "layout": "NCHW",
                     "channels": preprocessing.channels,
-                    "resize": f"{preprocessing.resize} to image_size (aspect ratio not kept) with "
+                    "resize": f"{RESIZE_DESCRIPTIONS[preprocessing.resize]} with "
                     f"{INTERPOLATIONS[preprocessing.interpolation]}",
                 },
                 "outputs": {"pred_score": ["batch"], "anomaly_map": ["batch", 1, h, w]},

@@ -108,7 +108,13 @@ def read_export(model_dir: str | Path) -> ExportedModel:
         meta_path,
     )
     facts = ModelFacts.from_thresholds(
-        meta.get("model", ""), meta.get("category", ""), preprocessing.image_size, image_t, pixel_t, thresholds
+        meta.get("model", ""),
+        meta.get("category", ""),
+        preprocessing.image_size,
+        image_t,
+        pixel_t,
+        thresholds,
+        resize=preprocessing.resize,
     )
     return ExportedModel(onnx_path, meta_path, meta, preprocessing, facts, str(meta.get("run_id", model_dir.name)))
 

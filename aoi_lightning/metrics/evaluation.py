@@ -17,11 +17,22 @@ def _clean(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else float(value)
 
 
+def content_pixels(batch: dict, i: int, *planes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`planes` (each (H, W)) of item `i` cut to its content box (`batch["content_box"]`, the part of the model
+    input that holds the image with `resize: fit_pad`); whole when the batch has no box."""
+    boxes = batch.get("content_box")
+    if boxes is None:
+        return planes
+    top, left, h, w = (int(v) for v in boxes[i])
+    return tuple(p[top : top + h, left : left + w] for p in planes)
+
+
 @dataclass
 class EvaluationCollector:
     """Accumulates model outputs of one loop (validation or test).
 
-    Image scores and labels are kept per image (small); pixel data only as histograms per
+    Image scores and labels are kept per image (small); pixel data (of each image's content box, the whole map
+    unless `resize: fit_pad` padded it) only as histograms per
     `split/defect_type` group, plus exact confusion counts at the current pixel threshold (a pixel is
     defective when its map value is `> threshold`).
     """
@@ -48,6 +59,7 @@ class EvaluationCollector:
             defect = batch["defect_type"][i]
             group = f"{split}/{defect}"
             label = int(batch["label"][i])
+            (amap,) = content_pixels(batch, i, maps[i])
             self.records.append(
                 {
                     "image_path": batch["image_path"][i],
@@ -55,15 +67,15 @@ class EvaluationCollector:
                     "defect_type": defect,
                     "split": split,
                     "pred_score": float(scores[i]),
-                    "map_max": float(maps[i].max()),
+                    "map_max": float(amap.max()),
                 }
             )
             if label < 0 or not bool(batch["has_mask"][i]):
                 continue
-            mask = batch["mask"][i, 0].cpu() > 0
-            self.hist.update(group, maps[i], mask)
+            (mask,) = content_pixels(batch, i, batch["mask"][i, 0].cpu() > 0)
+            self.hist.update(group, amap, mask)
             if math.isfinite(pixel_threshold):
-                pred = maps[i] > pixel_threshold  # strict tie rule, as thresholds.search
+                pred = amap > pixel_threshold  # strict tie rule, as thresholds.search
                 counts = self.confusion.setdefault(group, [0.0, 0.0, 0.0])
                 counts[0] += float((pred & mask).sum())
                 counts[1] += float((pred & ~mask).sum())

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aoi_lightning.data.preprocess import Preprocessing
 from aoi_lightning.postprocess.defects import extract_defects, peak_region
 from aoi_lightning.postprocess.records import is_ng, prediction_record
 from aoi_lightning.postprocess.render import render_overlay
@@ -67,7 +68,8 @@ class OutputOptions:
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """The model side of every record: name, category, input size (h, w) and thresholds (`quantile_*` optional).
+    """The model side of every record: name, category, input size (h, w), thresholds (`quantile_*` optional) and
+    the resize mode of its preprocessing (`preprocess.RESIZE_MODES`: where an image lies in the model input).
 
     Build it with `ModelFacts.from_thresholds` (any back end) or `module_facts` (a torch/Lightning module).
     """
@@ -78,6 +80,7 @@ class ModelFacts:
     image_threshold: float
     pixel_threshold: float
     thresholds: dict = field(default_factory=dict)
+    resize: str = "stretch"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.image_threshold) and math.isfinite(self.pixel_threshold)):
@@ -88,7 +91,14 @@ class ModelFacts:
 
     @classmethod
     def from_thresholds(
-        cls, model: str, category: str, input_size, image_threshold: float, pixel_threshold: float, info=None
+        cls,
+        model: str,
+        category: str,
+        input_size,
+        image_threshold: float,
+        pixel_threshold: float,
+        info=None,
+        resize: str = "stretch",
     ) -> ModelFacts:
         """The one constructor of the facts of a model, torch or ONNX.
 
@@ -99,6 +109,7 @@ class ModelFacts:
             image_threshold: the threshold the model carries (checkpoint buffer, export metadata).
             pixel_threshold: likewise.
             info: thresholds.json-like facts; its `quantile_image` / `quantile_pixel` go into report.json.
+            resize: the preprocessing's resize mode (`stretch` or `fit_pad`).
 
         Raises:
             ValueError: a threshold that is not finite (the model was never tuned).
@@ -111,7 +122,13 @@ class ModelFacts:
             image_threshold=float(image_threshold),
             pixel_threshold=float(pixel_threshold),
             thresholds={k: info.get(k) for k in EXTRA_THRESHOLD_KEYS},
+            resize=str(resize),
         )
+
+    def content_box(self, original_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of an image of `original_size` in the model input
+        (`Preprocessing.content_box`): the whole input unless the resize mode is `fit_pad`."""
+        return Preprocessing(self.input_size, resize=self.resize).content_box(original_size)
 
     def report_thresholds(self) -> dict:
         return {**self.thresholds, "image_threshold": self.image_threshold, "pixel_threshold": self.pixel_threshold}
@@ -121,8 +138,10 @@ class ModelFacts:
 
 
 def module_facts(module, category: str, input_size, model_name: str | None = None) -> ModelFacts:
-    """`ModelFacts.from_thresholds` of a fitted AnomalyModule (its `model` buffers and `threshold_info`)."""
+    """`ModelFacts.from_thresholds` of a fitted AnomalyModule (its `model` buffers, `threshold_info` and
+    `preprocessing`)."""
     name = model_name or getattr(module, "model_name", None) or type(module).__name__.lower()
+    preprocessing = getattr(module, "preprocessing", None)
     return ModelFacts.from_thresholds(
         name,
         category,
@@ -130,6 +149,7 @@ def module_facts(module, category: str, input_size, model_name: str | None = Non
         float(module.model.image_threshold),
         float(module.model.pixel_threshold),
         getattr(module, "threshold_info", None),
+        resize=preprocessing.resize if preprocessing is not None else "stretch",
     )
 
 
@@ -139,7 +159,8 @@ class Prediction:
 
     Attributes:
         record: the `preds.jsonl` record (without `mask_path` / `overlay_path`, which the writer adds).
-        mask: (H, W) uint8 {0, 1} defect mask at the model's resolution (all zero for an OK image).
+        mask: (H, W) uint8 {0, 1} defect mask at the model's resolution, cut to the image's content box with
+            `resize: fit_pad` (all zero for an OK image).
         overlay: (h, w, 3) BGR uint8 overlay at the size of the given image, or None without an image.
     """
 
@@ -204,8 +225,10 @@ def postprocess_prediction(
     Args:
         image_path: input file (stored in the record).
         pred_score: image score.
-        anomaly_map: (H, W) or (1, H, W) anomaly map at the model's resolution.
-        facts: model name, category, input size, thresholds.
+        anomaly_map: (H, W) or (1, H, W) anomaly map at the model's resolution; with `fit_pad` it is cut to the
+            image's content box first (`ModelFacts.content_box`), and defect boxes and areas are in the model
+            pixels of that box.
+        facts: model name, category, input size, thresholds, resize mode.
         options: pixel threshold multiplier and minimum defect area (the save flags are the writer's).
         original_size: (h, w) of the original image.
         gt_label: 0/1 when known.
@@ -217,6 +240,8 @@ def postprocess_prediction(
     """
     amap = np.asarray(anomaly_map, dtype=np.float32)
     amap = amap.reshape(amap.shape[-2:])
+    top, left, box_h, box_w = facts.content_box(original_size)
+    amap = amap[top : top + box_h, left : left + box_w]  # fit_pad: the padding is no part of the image
     score = float(pred_score)
     verdict = is_ng(score, facts.image_threshold)
     effective = facts.effective_pixel_threshold(options)

@@ -122,7 +122,9 @@ def render_model_overlays(
     import torch
 
     preprocessing = as_preprocessing(preprocessing)
-    facts = ModelFacts.from_thresholds("", "", preprocessing.image_size, model.image_threshold, model.pixel_threshold)
+    facts = ModelFacts.from_thresholds(
+        "", "", preprocessing.image_size, model.image_threshold, model.pixel_threshold, resize=preprocessing.resize
+    )
     options = OutputOptions(pixel_threshold_mult=pixel_threshold_mult)
     out: dict[str, np.ndarray] = {}
     model.eval()

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from aoi_lightning.data.batches import readable
+from aoi_lightning.metrics.evaluation import content_pixels
 from aoi_lightning.models.components.base import AnomalyTorchModel
 
 
@@ -13,7 +14,8 @@ from aoi_lightning.models.components.base import AnomalyTorchModel
 def score_loader(
     model: AnomalyTorchModel, loader: DataLoader, device: torch.device | str = "cpu"
 ) -> tuple[list[dict], list[float]]:
-    """Per-image records (image_path, gt_label, defect_type, split, pred_score) and the per-image map maxima."""
+    """Per-image records (image_path, gt_label, defect_type, split, pred_score) and the per-image map maxima
+    (over each image's content box, `evaluation.content_pixels`)."""
     records, map_max = [], []
     model.eval()
     for batch in loader:
@@ -22,7 +24,8 @@ def score_loader(
             continue
         out = model(batch["image"].to(device))
         scores = out.pred_score.float().cpu().tolist()
-        maxima = out.anomaly_map.float().amax(dim=(1, 2, 3)).cpu().tolist()
+        maps = out.anomaly_map.float().cpu()[:, 0]
+        maxima = [float(content_pixels(batch, i, maps[i])[0].max()) for i in range(maps.shape[0])]
         for i, (score, peak) in enumerate(zip(scores, maxima)):
             label = int(batch["label"][i])
             records.append(

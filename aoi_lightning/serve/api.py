@@ -176,6 +176,7 @@ class InspectionAPI(ls.LitAPI):
             "model_dir": str(Path(self.model_dir).expanduser().resolve()),
             "thresholds": self.facts.report_thresholds(),
             "input_size": list(self.facts.input_size),
+            "resize": self.facts.resize,
             "max_batch_size": self.max_batch_size,
             "versions": _versions(self.backend),
         }
