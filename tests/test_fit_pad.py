@@ -120,6 +120,21 @@ def test_ng_peak_region_lies_in_the_content_box() -> None:
     assert pred.defects[0]["bbox"] == [20, 18, 20, 18]  # row 50 - 32 of the box
 
 
+def test_map_max_score_is_taken_over_the_content_box() -> None:
+    """For a model whose score is its map's maximum (PaDiM), the padding cannot raise the score: the padding's 50
+    would make the image NG, the content's 0.5 keeps it OK, and the stretch facts keep the model's score."""
+    amap = np.zeros((96, 96), np.float32)
+    amap[0:10, 0:10] = 50.0
+    amap[50, 20] = 0.5
+    padim = ModelFacts("padim", "s", (96, 96), 1.0, 2.0, resize="fit_pad", score_is_map_max=True)
+    pred = postprocess_prediction("a.png", 50.0, amap, padim, OutputOptions(), (100, 300))
+    assert pred.record["pred_score"] == 0.5 and not pred.is_anomaly and pred.defects == []
+    patchcore = ModelFacts("patchcore", "s", (96, 96), 1.0, 2.0, resize="fit_pad")  # its score is no map max
+    assert postprocess_prediction("a.png", 50.0, amap, patchcore, OutputOptions(), (100, 300)).is_anomaly
+    stretch = ModelFacts("padim", "s", (96, 96), 1.0, 2.0, score_is_map_max=True)
+    assert postprocess_prediction("a.png", 50.0, amap, stretch, OutputOptions(), (100, 300)).record["pred_score"] == 50
+
+
 def test_pixel_metrics_skip_the_padding() -> None:
     amap = np.zeros((2, 1, 96, 96), np.float32)
     amap[:, 0, :32] = 100.0  # the padding scores high on both images
@@ -140,6 +155,10 @@ def test_pixel_metrics_skip_the_padding() -> None:
     metrics = collector.metrics(("test",))
     assert metrics["pixel_auroc"] == pytest.approx(1.0) and metrics["pixel_aupro"] == pytest.approx(1.0)
     assert collector.records[0]["map_max"] == 0.0 and collector.records[1]["map_max"] == 5.0
+    assert [r["pred_score"] for r in collector.records] == [0.5, 5.0]  # the model's scores
+    by_map = EvaluationCollector()
+    by_map.update(batch, torch.tensor([100.0, 100.0]), torch.from_numpy(amap), 2.0, score_is_map_max=True)
+    assert [r["pred_score"] for r in by_map.records] == [0.0, 5.0]  # the content box's maxima
     assert collector.confusion["test/crack"] == [32.0, 0.0, 0.0]  # the padding's 100s are no false positive
     del batch["content_box"]  # without boxes the padding counts, and ruins the metrics
     whole = EvaluationCollector()
@@ -169,6 +188,7 @@ def test_fit_records_fit_pad_through_checkpoint_and_export(pad_run: Path) -> Non
     assert ckpt["aoi"]["preprocessing"]["resize"] == "fit_pad"
     meta = read_json(pad_run / "export" / "export_meta.json")
     assert meta["preprocessing"]["resize"] == "fit_pad" and "keeping the aspect ratio" in meta["input"]["resize"]
+    assert meta["score_is_map_max"] is ("padim" in pad_run.parts)
     assert read_json(pad_run / "export" / "consistency.json")["status"] == "PASSED"
     metrics = read_json(pad_run / "metrics.json")["test"]
     assert metrics["image_auroc"] > 0.5 and metrics["pixel_auroc"] > 0.5  # the square set, learned through padding
@@ -199,7 +219,10 @@ def test_aoi_run_masks_are_the_content_box_of_the_map(
         assert records["onnx"][name]["pred_score"] == pytest.approx(rec["pred_score"], rel=1e-3)
         loaded = predictor.preprocessing.load(inputs / name)
         assert not loaded.model_input[:, :, :48].any() and not loaded.model_input[:, :, 80:].any()
-        _, maps = predictor.predict(loaded.model_input[None])
+        scores, maps = predictor.predict(loaded.model_input[None])
+        # PaDiM's score is its map's maximum: over the content box; PatchCore's is the model's own
+        expected = maps[0][:, 48:80].max() if predictor.facts.score_is_map_max else scores[0]
+        assert rec["pred_score"] == pytest.approx(float(expected), rel=1e-6)
         written = cv2.imread(str(tmp_path / "torch" / rec["mask_path"]), cv2.IMREAD_UNCHANGED) > 0
         if not rec["is_anomaly"]:
             assert not written.any()

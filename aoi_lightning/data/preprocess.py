@@ -16,8 +16,9 @@ The steps, in order:
      centred, and the rest of H x W is padded with black (0). This is for inputs whose aspect ratio varies or
      differs from (H, W). The part of the model input that holds the image is its *content box*
      (`Preprocessing.content_box`). Anomaly maps are cropped to that box before defects are located and mapped
-     back to the original image (`postprocess.prediction`), and pixel metrics count only its pixels. Training
-     images are padded the same way, so the model learns the black border as normal.
+     back to the original image (`postprocess.prediction`), pixel metrics count only its pixels, and a score
+     that is the map's maximum (PaDiM) is taken over it. Training images are padded the same way, so the model
+     learns the black border as normal.
 
    Interpolation `area_linear`: OpenCV `INTER_AREA` when neither side grows, else `INTER_LINEAR`;
 3. (H, W, 3) -> (3, H, W) float32 by dividing the uint8 values by 255: RGB in [0, 1];

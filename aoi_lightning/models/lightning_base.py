@@ -12,9 +12,10 @@ import torch
 from aoi_lightning import distributed
 from aoi_lightning.data.batches import readable, readable_flags
 from aoi_lightning.data.preprocess import Preprocessing, PreprocessingError, as_preprocessing
-from aoi_lightning.metrics.evaluation import EvaluationCollector, build_metrics_report
+from aoi_lightning.metrics.evaluation import EvaluationCollector, build_metrics_report, content_pixels
 from aoi_lightning.models.components.base import AnomalyTorchModel, NotFittedError, exact_cuda_math
 from aoi_lightning.models.tile_calibration import calibrate_tiles_on_training_images
+from aoi_lightning.postprocess.prediction import content_score
 from aoi_lightning.progress import phase
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class AnomalyModule(pl.LightningModule):
             self.timings.get("feature_extraction_s", 0.0) + time.perf_counter() - start
         )
         self._fit_images += int(batch["image"].shape[0])
+        boxes = batch.get("content_box")
         for i in range(int(batch["image"].shape[0])):
             label = int(batch["label"][i])
             self._fit_items.append(
@@ -122,6 +124,7 @@ class AnomalyModule(pl.LightningModule):
                     "gt_label": label if label >= 0 else None,
                     "defect_type": batch["defect_type"][i],
                     "split": batch["split"][i],
+                    "content_box": None if boxes is None else [int(v) for v in boxes[i]],
                 }
             )
         return None
@@ -158,12 +161,21 @@ class AnomalyModule(pl.LightningModule):
     def _score_fit_images(self) -> None:
         """`train_records` from the embeddings the fit pass kept (None when it kept none: a second pass then)."""
         items, self._fit_items = self._fit_items, []
+        boxes = [item.pop("content_box", None) for item in items]
         with phase("training-image scores", "from the fit pass's embeddings") as scoring:
             outputs = self.model.score_fit_embeddings()
             if outputs is None:
                 scoring.detail = "not kept: scored in a second pass"
                 return
             scores = torch.cat([o.pred_score for o in outputs]).float().cpu().tolist()
+            padded = self.preprocessing is not None and self.preprocessing.resize == "fit_pad"
+            if padded and self.model.score_is_map_max and None not in boxes and len(scores) == len(items):
+                maps = [m for o in outputs for m in o.anomaly_map.float().cpu()[:, 0]]  # fit_pad: the content box
+                cut = {"content_box": boxes}
+                scores = [
+                    content_score(s, content_pixels(cut, i, m)[0], m.shape, True)
+                    for i, (s, m) in enumerate(zip(scores, maps))
+                ]
         if len(scores) != len(items):  # cannot happen unless `update` was called outside training_step
             return
         self.train_records = [{**item, "pred_score": score} for item, score in zip(items, scores)]
@@ -208,7 +220,7 @@ class AnomalyModule(pl.LightningModule):
                     kept = (pred_score[i].detach().cpu().clone(), anomaly_map[i].detach().cpu().clone())
                     self._val_outputs[path] = kept
                     self._val_outputs_bytes += size
-        collector.update(batch, pred_score, anomaly_map, self._thresholds()[1])
+        collector.update(batch, pred_score, anomaly_map, self._thresholds()[1], self.model.score_is_map_max)
         return {
             "pred_score": pred_score,
             "anomaly_map": anomaly_map,

@@ -123,7 +123,13 @@ def render_model_overlays(
 
     preprocessing = as_preprocessing(preprocessing)
     facts = ModelFacts.from_thresholds(
-        "", "", preprocessing.image_size, model.image_threshold, model.pixel_threshold, resize=preprocessing.resize
+        "",
+        "",
+        preprocessing.image_size,
+        model.image_threshold,
+        model.pixel_threshold,
+        resize=preprocessing.resize,
+        score_is_map_max=model.score_is_map_max,
     )
     options = OutputOptions(pixel_threshold_mult=pixel_threshold_mult)
     out: dict[str, np.ndarray] = {}

@@ -8,14 +8,15 @@ from torch.utils.data import DataLoader
 from aoi_lightning.data.batches import readable
 from aoi_lightning.metrics.evaluation import content_pixels
 from aoi_lightning.models.components.base import AnomalyTorchModel
+from aoi_lightning.postprocess.prediction import content_score
 
 
 @torch.inference_mode()
 def score_loader(
     model: AnomalyTorchModel, loader: DataLoader, device: torch.device | str = "cpu"
 ) -> tuple[list[dict], list[float]]:
-    """Per-image records (image_path, gt_label, defect_type, split, pred_score) and the per-image map maxima
-    (over each image's content box, `evaluation.content_pixels`)."""
+    """Per-image records (image_path, gt_label, defect_type, split, pred_score) and the per-image map maxima, both
+    over each image's content box (`evaluation.content_pixels`, `prediction.content_score`)."""
     records, map_max = [], []
     model.eval()
     for batch in loader:
@@ -25,7 +26,9 @@ def score_loader(
         out = model(batch["image"].to(device))
         scores = out.pred_score.float().cpu().tolist()
         maps = out.anomaly_map.float().cpu()[:, 0]
-        maxima = [float(content_pixels(batch, i, maps[i])[0].max()) for i in range(maps.shape[0])]
+        contents = [content_pixels(batch, i, maps[i])[0] for i in range(maps.shape[0])]
+        maxima = [float(c.max()) for c in contents]
+        scores = [content_score(s, c, maps.shape, model.score_is_map_max) for s, c in zip(scores, contents)]
         for i, (score, peak) in enumerate(zip(scores, maxima)):
             label = int(batch["label"][i])
             records.append(
