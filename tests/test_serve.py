@@ -2,7 +2,8 @@
 
 Records from POST /predict equal `aoi run`'s (both back ends), the dynamic batcher batches under load, audit
 lines are complete and unique, every bad input gets its documented 4xx while /health keeps answering, the API
-key is enforced, and a SIGKILL under load leaves every answered request in the audit log.
+key is enforced, a SIGKILL under load leaves every answered request in the audit log, and SIGTERM stops it
+cleanly.
 """
 
 from __future__ import annotations
@@ -296,6 +297,25 @@ def test_sigkill_under_load_keeps_every_answered_request(patchcore_run, images, 
     logged = [line["request_id"] for line in lines]
     assert len(logged) == len(set(logged))
     assert set(answered) <= set(logged)
+
+
+@pytest.mark.parametrize("fast_queue", ["true", "false"])
+def test_sigterm_stops_the_service_cleanly(patchcore_run, images, tmp_path, fast_queue):
+    """SIGTERM to the service (what systemd and Ctrl+C send) ends it with exit code 0 and no traceback, with the
+    answers over ZeroMQ (the default, whose broker sockets are removed) or over the manager queue."""
+    audit = tmp_path / "audit"
+    before = set(Path("/tmp").glob("zmq-*.ipc"))
+    with running_server(patchcore_run, "onnx", audit, "--fast_queue", fast_queue) as (client, proc):
+        sockets = set(Path("/tmp").glob("zmq-*.ipc")) - before
+        assert len(sockets) == (2 if fast_queue == "true" else 0)  # the broker's frontend and backend
+        assert client.predict(sorted(images.glob("*.png"))[0].read_bytes()).status == 200
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=45)
+    assert code == 0
+    log = (tmp_path / "server-audit.log").read_text(encoding="utf-8", errors="replace")
+    assert "Traceback" not in log and "error" not in log.lower(), log[-2000:]
+    assert not any(path.exists() for path in sockets)
+    assert len(audit_lines(audit)) == 1
 
 
 def test_serve_modules_import_without_torch():
