@@ -102,7 +102,6 @@ def serve(
     max_image_pixels: int = 40_000_000,
     max_queue: int = 64,
     request_timeout: float = 30.0,
-    fast_queue: bool = True,
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning",
 ) -> int:
     """Serve a trained run over HTTP: `POST /predict` answers the `preds.jsonl` record of one image.
@@ -130,8 +129,6 @@ def serve(
         max_image_pixels: largest image (height x width) decoded (413 above: decompression bombs).
         max_queue: requests accepted and not yet answered; beyond it 503 with Retry-After.
         request_timeout: seconds a request may wait for the model (504 after).
-        fast_queue: answers come back from the model workers over ZeroMQ (LitServe's fast queue; about 10 ms less
-            per request on a 2-core CPU) instead of the multiprocessing-manager queue (false).
         log_level: server log level.
 
     Returns:
@@ -186,7 +183,6 @@ def serve(
             max_image_pixels=max_image_pixels,
             max_queue=max_queue,
             request_timeout=request_timeout,
-            fast_queue=fast_queue,
         )
         _stop_on_signals(server)
         print(f"aoi serve: {backend} model {model_path} on http://{host}:{port} (audit log in {audit_dir})", flush=True)
