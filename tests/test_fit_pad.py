@@ -1,4 +1,5 @@
-"""`data.resize: fit_pad`: inputs keep their aspect ratio (scaled to fit, centred, padded with black), the padding
+"""`data.resize: fit_pad`: inputs keep their aspect ratio (scaled to fit, centred, padded by repeating their edge
+pixels), the padding
 is cut from maps before defects are located and before pixel metrics, and a whole fit, export and `aoi run` keep
 the mode from training to inference."""
 
@@ -14,7 +15,7 @@ import yaml
 
 from aoi_lightning.data.datamodule import MVTecDataModule
 from aoi_lightning.data.mvtec import DataError
-from aoi_lightning.data.preprocess import PAD_VALUE, Preprocessing, PreprocessingError
+from aoi_lightning.data.preprocess import MASK_PAD_VALUE, Preprocessing, PreprocessingError
 from aoi_lightning.fileio import read_json, read_jsonl
 from aoi_lightning.inference.folder import load_predictor
 from aoi_lightning.metrics.evaluation import EvaluationCollector
@@ -40,20 +41,24 @@ def test_content_box(size, original, box) -> None:
     assert Preprocessing(size).content_box(original) == (0, 0, *size)  # stretch: always the whole input
 
 
-def test_fit_pad_input_is_the_scaled_image_centred_in_black() -> None:
+def test_fit_pad_input_is_the_scaled_image_centred_with_its_edges_repeated() -> None:
     rng = np.random.default_rng(0)
-    image = rng.integers(1, 256, (100, 300, 3), dtype=np.uint8)
+    image = rng.integers(0, 256, (100, 300, 3), dtype=np.uint8)
     pre = Preprocessing((96, 96), resize="fit_pad")
     x = pre.to_model_input(image)
     assert x.shape == (3, 96, 96) and x.dtype == np.float32
-    assert np.all(x[:, :32] == PAD_VALUE) and np.all(x[:, 64:] == PAD_VALUE)
     inner = cv2.resize(image, (96, 32), interpolation=cv2.INTER_AREA).transpose(2, 0, 1) / np.float32(255)
     assert np.array_equal(x[:, 32:64], inner.astype(np.float32))
+    assert np.array_equal(x[:, :32], np.repeat(x[:, 32:33], 32, axis=1))  # the top row, repeated upwards
+    assert np.array_equal(x[:, 64:], np.repeat(x[:, 63:64], 32, axis=1))  # the bottom row, downwards
+    tall = pre.to_model_input(image.transpose(1, 0, 2).copy())  # 300 x 100: columns repeated sideways
+    assert np.array_equal(tall[:, :, :32], np.repeat(tall[:, :, 32:33], 32, axis=2))
     # a reduced decoding of a large image is placed in the box of its full size, as the postprocessing maps it
     reduced = cv2.resize(image, (150, 51), interpolation=cv2.INTER_AREA)  # a rounding of 100 x 300 halved
     assert pre.content_box(reduced.shape[:2]) != pre.content_box((100, 300))
     placed = pre.to_model_input(reduced, original_size=(100, 300))
-    assert np.all(placed[:, :32] == 0) and np.all(placed[:, 64:] == 0) and placed[:, 32:64].min() > 0
+    expected = cv2.resize(reduced, (96, 32), interpolation=cv2.INTER_AREA).transpose(2, 0, 1) / np.float32(255)
+    assert np.array_equal(placed[:, 32:64], expected.astype(np.float32))
 
 
 def test_fit_pad_masks_follow_their_image() -> None:
@@ -61,7 +66,7 @@ def test_fit_pad_masks_follow_their_image() -> None:
     mask = np.zeros((100, 300), np.uint8)
     mask[:, 150:] = 1  # right half
     out = pre.resize_mask(mask)
-    assert out.shape == (96, 96) and set(np.unique(out)) == {0, 1}
+    assert out.shape == (96, 96) and set(np.unique(out)) == {0, 1} and MASK_PAD_VALUE == 0
     assert out[32:64, 48:].all() and not out[32:64, :48].any() and not out[:32].any() and not out[64:].any()
     # a mask stored at half the image's size is stretched onto the image first: same result
     assert np.array_equal(pre.resize_mask(mask[::2, ::2], original_size=(100, 300)), out)
@@ -80,7 +85,10 @@ def test_datamodule_items_carry_the_content_box(tiny_mvtec_root: Path) -> None:
     dm.setup()
     batch = next(iter(dm.test_dataloader()))
     assert batch["content_box"].tolist()[0] == [0, 48, 64, 64]  # the square 64 x 64 images, centred
-    assert torch.all(batch["image"][:, :, :, :48] == 0) and torch.all(batch["image"][:, :, :, 112:] == 0)
+    image = batch["image"]
+    assert torch.equal(image[..., :48], image[..., 48:49].expand(-1, -1, -1, 48))  # left column, repeated
+    assert torch.equal(image[..., 112:], image[..., 111:112].expand(-1, -1, -1, 48))
+    assert batch["mask"][..., :48].sum() == 0 and batch["mask"][..., 112:].sum() == 0
     assert dm.summary()["resize"] == "fit_pad"
 
 
@@ -120,19 +128,18 @@ def test_ng_peak_region_lies_in_the_content_box() -> None:
     assert pred.defects[0]["bbox"] == [20, 18, 20, 18]  # row 50 - 32 of the box
 
 
-def test_map_max_score_is_taken_over_the_content_box() -> None:
-    """For a model whose score is its map's maximum (PaDiM), the padding cannot raise the score: the padding's 50
-    would make the image NG, the content's 0.5 keeps it OK, and the stretch facts keep the model's score."""
+def test_score_is_the_content_box_maximum() -> None:
+    """With fit_pad the image score is the map's maximum over the content box, whatever the model: the padding's 50
+    would make the image NG, the content's 0.5 keeps it OK; with stretch the model's own score stays."""
     amap = np.zeros((96, 96), np.float32)
     amap[0:10, 0:10] = 50.0
     amap[50, 20] = 0.5
-    padim = ModelFacts("padim", "s", (96, 96), 1.0, 2.0, resize="fit_pad", score_is_map_max=True)
-    pred = postprocess_prediction("a.png", 50.0, amap, padim, OutputOptions(), (100, 300))
-    assert pred.record["pred_score"] == 0.5 and not pred.is_anomaly and pred.defects == []
-    patchcore = ModelFacts("patchcore", "s", (96, 96), 1.0, 2.0, resize="fit_pad")  # its score is no map max
-    assert postprocess_prediction("a.png", 50.0, amap, patchcore, OutputOptions(), (100, 300)).is_anomaly
-    stretch = ModelFacts("padim", "s", (96, 96), 1.0, 2.0, score_is_map_max=True)
-    assert postprocess_prediction("a.png", 50.0, amap, stretch, OutputOptions(), (100, 300)).record["pred_score"] == 50
+    for model in ("padim", "patchcore"):
+        facts = ModelFacts(model, "s", (96, 96), 1.0, 2.0, resize="fit_pad")
+        pred = postprocess_prediction("a.png", 50.0, amap, facts, OutputOptions(), (100, 300))
+        assert pred.record["pred_score"] == 0.5 and not pred.is_anomaly and pred.defects == []
+    stretch = ModelFacts("patchcore", "s", (96, 96), 1.0, 2.0)
+    assert postprocess_prediction("a.png", 42.0, amap, stretch, OutputOptions(), (100, 300)).record["pred_score"] == 42
 
 
 def test_pixel_metrics_skip_the_padding() -> None:
@@ -151,19 +158,17 @@ def test_pixel_metrics_skip_the_padding() -> None:
         "content_box": torch.tensor([[32, 0, 32, 96], [32, 0, 32, 96]]),
     }
     collector = EvaluationCollector()
-    collector.update(batch, torch.tensor([0.5, 5.0]), torch.from_numpy(amap), pixel_threshold=2.0)
+    collector.update(batch, torch.tensor([0.5, 100.0]), torch.from_numpy(amap), pixel_threshold=2.0)
     metrics = collector.metrics(("test",))
     assert metrics["pixel_auroc"] == pytest.approx(1.0) and metrics["pixel_aupro"] == pytest.approx(1.0)
     assert collector.records[0]["map_max"] == 0.0 and collector.records[1]["map_max"] == 5.0
-    assert [r["pred_score"] for r in collector.records] == [0.5, 5.0]  # the model's scores
-    by_map = EvaluationCollector()
-    by_map.update(batch, torch.tensor([100.0, 100.0]), torch.from_numpy(amap), 2.0, score_is_map_max=True)
-    assert [r["pred_score"] for r in by_map.records] == [0.0, 5.0]  # the content box's maxima
+    assert [r["pred_score"] for r in collector.records] == [0.0, 5.0]  # the content box's maxima, not 0.5 / 100
     assert collector.confusion["test/crack"] == [32.0, 0.0, 0.0]  # the padding's 100s are no false positive
     del batch["content_box"]  # without boxes the padding counts, and ruins the metrics
     whole = EvaluationCollector()
     whole.update(batch, torch.tensor([0.5, 5.0]), torch.from_numpy(amap), pixel_threshold=2.0)
     assert whole.metrics(("test",))["pixel_auroc"] < 0.9
+    assert [r["pred_score"] for r in whole.records] == [0.5, 5.0]  # the models' own scores
 
 
 # -- a whole fit, export and `aoi run` -------------------------------------------------------------------------
@@ -188,7 +193,6 @@ def test_fit_records_fit_pad_through_checkpoint_and_export(pad_run: Path) -> Non
     assert ckpt["aoi"]["preprocessing"]["resize"] == "fit_pad"
     meta = read_json(pad_run / "export" / "export_meta.json")
     assert meta["preprocessing"]["resize"] == "fit_pad" and "keeping the aspect ratio" in meta["input"]["resize"]
-    assert meta["score_is_map_max"] is ("padim" in pad_run.parts)
     assert read_json(pad_run / "export" / "consistency.json")["status"] == "PASSED"
     metrics = read_json(pad_run / "metrics.json")["test"]
     assert metrics["image_auroc"] > 0.5 and metrics["pixel_auroc"] > 0.5  # the square set, learned through padding
@@ -218,11 +222,11 @@ def test_aoi_run_masks_are_the_content_box_of_the_map(
         assert rec["model_input_size"] == list(PAD_SIZE) and rec["image_size"] == [64, 32]
         assert records["onnx"][name]["pred_score"] == pytest.approx(rec["pred_score"], rel=1e-3)
         loaded = predictor.preprocessing.load(inputs / name)
-        assert not loaded.model_input[:, :, :48].any() and not loaded.model_input[:, :, 80:].any()
-        scores, maps = predictor.predict(loaded.model_input[None])
-        # PaDiM's score is its map's maximum: over the content box; PatchCore's is the model's own
-        expected = maps[0][:, 48:80].max() if predictor.facts.score_is_map_max else scores[0]
-        assert rec["pred_score"] == pytest.approx(float(expected), rel=1e-6)
+        edges = loaded.model_input[:, :, 48:49], loaded.model_input[:, :, 79:80]
+        assert np.array_equal(loaded.model_input[:, :, :48], np.repeat(edges[0], 48, axis=2))
+        assert np.array_equal(loaded.model_input[:, :, 80:], np.repeat(edges[1], 48, axis=2))
+        _, maps = predictor.predict(loaded.model_input[None])
+        assert rec["pred_score"] == pytest.approx(float(maps[0][:, 48:80].max()), rel=1e-6)  # the box's maximum
         written = cv2.imread(str(tmp_path / "torch" / rec["mask_path"]), cv2.IMREAD_UNCHANGED) > 0
         if not rec["is_anomaly"]:
             assert not written.any()

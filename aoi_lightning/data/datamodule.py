@@ -65,7 +65,7 @@ class MVTecDataModule(pl.LightningDataModule):
             about 1:3.3).
         resize: how an image becomes (h, w), in training and inference alike (`preprocess.Preprocessing`):
             `stretch` (default: scaled to exactly (h, w), aspect ratio not kept) or `fit_pad` (aspect ratio kept,
-            centred, padded with black; for inputs whose aspect ratio varies or differs from (h, w)).
+            centred, padded by repeating its edge pixels; for inputs whose aspect ratio varies or differs from (h, w)).
         mask_suffix: suffix of mask file stems.
         val_split: `test_half` (seeded half of each test defect type; test metrics on the other half),
             `same_as_test` (validation = test; optimistic), `calibration` (held-out good training images;

@@ -44,7 +44,7 @@ class ExportError(ValueError):
 def describe_model(model: AnomalyTorchModel) -> dict:
     """Backbone, layers and in-graph normalisation of a torch model."""
     extractor = getattr(model, "feature_extractor", None)
-    out: dict = {"torch_class": type(model).__name__, "score_is_map_max": bool(model.score_is_map_max)}
+    out: dict = {"torch_class": type(model).__name__}
     norm = model.input_normalization() if hasattr(model, "input_normalization") else None
     if extractor is not None:
         out["backbone"] = extractor.backbone_name

@@ -115,7 +115,6 @@ def read_export(model_dir: str | Path) -> ExportedModel:
         pixel_t,
         thresholds,
         resize=preprocessing.resize,
-        score_is_map_max=bool(meta.get("score_is_map_max", False)),
     )
     return ExportedModel(onnx_path, meta_path, meta, preprocessing, facts, str(meta.get("run_id", model_dir.name)))
 

@@ -51,16 +51,9 @@ class EvaluationCollector:
         self.hist = PixelHistograms(num_bins=self.num_bins)
         self.confusion = {}
 
-    def update(
-        self,
-        batch: dict,
-        pred_score: torch.Tensor,
-        anomaly_map: torch.Tensor,
-        pixel_threshold: float,
-        score_is_map_max: bool = False,
-    ) -> None:
-        """Add a batch: `batch` from the data module, scores (B,), maps (B, 1, H, W); `score_is_map_max`: the
-        model's score is its map's maximum (then taken over each image's content box, `content_score`)."""
+    def update(self, batch: dict, pred_score: torch.Tensor, anomaly_map: torch.Tensor, pixel_threshold: float) -> None:
+        """Add a batch: `batch` from the data module, scores (B,), maps (B, 1, H, W); each image's score and pixels
+        are those of its content box (`content_score`, `content_pixels`)."""
         scores = pred_score.detach().float().cpu()
         maps = anomaly_map.detach().float().cpu()[:, 0]
         for i in range(scores.shape[0]):
@@ -75,7 +68,7 @@ class EvaluationCollector:
                     "gt_label": label if label >= 0 else None,
                     "defect_type": defect,
                     "split": split,
-                    "pred_score": content_score(scores[i], amap, maps[i].shape, score_is_map_max),
+                    "pred_score": content_score(scores[i], amap, maps[i].shape),
                     "map_max": float(amap.max()),
                 }
             )

@@ -169,11 +169,11 @@ class AnomalyModule(pl.LightningModule):
                 return
             scores = torch.cat([o.pred_score for o in outputs]).float().cpu().tolist()
             padded = self.preprocessing is not None and self.preprocessing.resize == "fit_pad"
-            if padded and self.model.score_is_map_max and None not in boxes and len(scores) == len(items):
+            if padded and None not in boxes and len(scores) == len(items):
                 maps = [m for o in outputs for m in o.anomaly_map.float().cpu()[:, 0]]  # fit_pad: the content box
                 cut = {"content_box": boxes}
                 scores = [
-                    content_score(s, content_pixels(cut, i, m)[0], m.shape, True)
+                    content_score(s, content_pixels(cut, i, m)[0], m.shape)
                     for i, (s, m) in enumerate(zip(scores, maps))
                 ]
         if len(scores) != len(items):  # cannot happen unless `update` was called outside training_step
@@ -220,7 +220,7 @@ class AnomalyModule(pl.LightningModule):
                     kept = (pred_score[i].detach().cpu().clone(), anomaly_map[i].detach().cpu().clone())
                     self._val_outputs[path] = kept
                     self._val_outputs_bytes += size
-        collector.update(batch, pred_score, anomaly_map, self._thresholds()[1], self.model.score_is_map_max)
+        collector.update(batch, pred_score, anomaly_map, self._thresholds()[1])
         return {
             "pred_score": pred_score,
             "anomaly_map": anomaly_map,

@@ -70,9 +70,8 @@ class OutputOptions:
 @dataclass(frozen=True)
 class ModelFacts:
     """The model side of every record: name, category, input size (h, w), thresholds (`quantile_*` optional),
-    the resize mode of its preprocessing (`preprocess.RESIZE_MODES`: where an image lies in the model input) and
-    whether the model's image score is its map's maximum (PaDiM; then, with `fit_pad`, the image score is the
-    maximum over the content box, `content_score`).
+    and the resize mode of its preprocessing (`preprocess.RESIZE_MODES`: where an image lies in the model input;
+    with `fit_pad` the image score is the maximum of the map over the content box, `content_score`).
 
     Build it with `ModelFacts.from_thresholds` (any back end) or `module_facts` (a torch/Lightning module).
     """
@@ -84,7 +83,6 @@ class ModelFacts:
     pixel_threshold: float
     thresholds: dict = field(default_factory=dict)
     resize: str = "stretch"
-    score_is_map_max: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.image_threshold) and math.isfinite(self.pixel_threshold)):
@@ -103,7 +101,6 @@ class ModelFacts:
         pixel_threshold: float,
         info=None,
         resize: str = "stretch",
-        score_is_map_max: bool = False,
     ) -> ModelFacts:
         """The one constructor of the facts of a model, torch or ONNX.
 
@@ -115,7 +112,6 @@ class ModelFacts:
             pixel_threshold: likewise.
             info: thresholds.json-like facts; its `quantile_image` / `quantile_pixel` go into report.json.
             resize: the preprocessing's resize mode (`stretch` or `fit_pad`).
-            score_is_map_max: the model's image score is the maximum of its anomaly map.
 
         Raises:
             ValueError: a threshold that is not finite (the model was never tuned).
@@ -129,7 +125,6 @@ class ModelFacts:
             pixel_threshold=float(pixel_threshold),
             thresholds={k: info.get(k) for k in EXTRA_THRESHOLD_KEYS},
             resize=str(resize),
-            score_is_map_max=bool(score_is_map_max),
         )
 
     def content_box(self, original_size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -157,7 +152,6 @@ def module_facts(module, category: str, input_size, model_name: str | None = Non
         float(module.model.pixel_threshold),
         getattr(module, "threshold_info", None),
         resize=preprocessing.resize if preprocessing is not None else "stretch",
-        score_is_map_max=bool(getattr(module.model, "score_is_map_max", False)),
     )
 
 
@@ -185,20 +179,22 @@ class Prediction:
         return self.record["defects"]
 
 
-def content_score(pred_score, content_map, map_shape, score_is_map_max: bool) -> float:
-    """The image score of one image: the model's `pred_score`, or, for a model whose score is its map's maximum
-    (`score_is_map_max`, PaDiM) when `content_map` is a cut of a larger map (`resize: fit_pad`), the maximum of
-    `content_map`, so that the padding around the image cannot raise the score. With the whole map, that maximum
-    is the model's score itself, so nothing changes for `stretch`.
+def content_score(pred_score, content_map, map_shape) -> float:
+    """The image score of one image: the model's `pred_score`, or, when `content_map` is a cut of a larger map
+    (`resize: fit_pad`), the maximum of `content_map`, so that the padding around the image cannot raise the score.
+
+    With the padding cut off, both models score an image by the maximum of its anomaly map over the content box:
+    PaDiM's own score is that maximum over the whole map; PatchCore's re-weighting (Roth et al. 2022, eq. 7) of its
+    highest patch is left out there, since its highest patch may lie in the padding. On varied crops this scored
+    better than PatchCore's whole-input score (docs/choosing.md). With the whole map (`stretch`) nothing changes.
 
     Args:
         pred_score: the model's image score (float or 0-d array/tensor).
         content_map: (h, w) map of the image's content box (numpy array or torch tensor).
-        map_shape: (H, W) of the whole map.
-        score_is_map_max: the model's score is the maximum of its map.
+        map_shape: (H, W) of the whole map (or any shape ending in it).
     """
     h, w = content_map.shape[-2:]
-    if score_is_map_max and (h, w) != tuple(map_shape[-2:]) and h * w > 0:
+    if (h, w) != tuple(map_shape[-2:]) and h * w > 0:
         return float(content_map.max())
     return float(pred_score)
 
@@ -268,7 +264,7 @@ def postprocess_prediction(
     amap = amap.reshape(amap.shape[-2:])
     top, left, box_h, box_w = facts.content_box(original_size)
     content = amap[top : top + box_h, left : left + box_w]  # fit_pad: the padding is no part of the image
-    score = content_score(pred_score, content, amap.shape, facts.score_is_map_max)
+    score = content_score(pred_score, content, amap.shape)
     amap = content
     verdict = is_ng(score, facts.image_threshold)
     effective = facts.effective_pixel_threshold(options)

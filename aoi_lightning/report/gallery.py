@@ -129,7 +129,6 @@ def render_model_overlays(
         model.image_threshold,
         model.pixel_threshold,
         resize=preprocessing.resize,
-        score_is_map_max=model.score_is_map_max,
     )
     options = OutputOptions(pixel_threshold_mult=pixel_threshold_mult)
     out: dict[str, np.ndarray] = {}

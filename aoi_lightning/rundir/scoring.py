@@ -28,7 +28,7 @@ def score_loader(
         maps = out.anomaly_map.float().cpu()[:, 0]
         contents = [content_pixels(batch, i, maps[i])[0] for i in range(maps.shape[0])]
         maxima = [float(c.max()) for c in contents]
-        scores = [content_score(s, c, maps.shape, model.score_is_map_max) for s, c in zip(scores, contents)]
+        scores = [content_score(s, c, maps.shape) for s, c in zip(scores, contents)]
         for i, (score, peak) in enumerate(zip(scores, maxima)):
             label = int(batch["label"][i])
             records.append(
