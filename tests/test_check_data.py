@@ -74,6 +74,22 @@ def test_planted_problems_are_listed_not_fatal(aoi_cli, planted: Path, tmp_path:
     assert red.sum() > 50  # mask outlines drawn
 
 
+def test_aspect_ratio_is_reported_and_fit_pad_suggested_when_it_varies(aoi_cli, tiny_mvtec_root, tmp_path, capsys):
+    report, _ = check_category(tiny_mvtec_root, "synthetic")
+    assert report["aspect_ratio"] == {"min": 1.0, "median": 1.0, "max": 1.0, "varies": False}
+    root = tmp_path / "data"
+    shutil.copytree(tiny_mvtec_root / "synthetic", root / "synthetic")
+    train = sorted((root / "synthetic" / "train" / "good").glob("*.png"))
+    for path, width in zip(train[:3], (32, 48, 56)):  # 64 x 32, 64 x 48 and 64 x 56 crops: w/h 0.5, 0.75, 0.875
+        cv2.imwrite(str(path), cv2.imread(str(path))[:, :width])
+    report, _ = check_category(root, "synthetic")
+    assert report["aspect_ratio"] == {"min": 0.5, "median": 1.0, "max": 1.0, "varies": True}
+    assert aoi_cli(["check-data", "--root", root, "--category", "synthetic", "--output_dir", tmp_path / "out"]) == 0
+    printed = capsys.readouterr().out
+    assert "aspect ratio (width / height) varies: 0.50 to 1.00, median 1.00; `--data.resize fit_pad`" in printed
+    assert read_json(tmp_path / "out" / "data_check.json")["aspect_ratio"]["varies"] is True
+
+
 def test_missing_category_is_a_one_line_error(aoi_cli, tiny_mvtec_root: Path, tmp_path: Path, capsys) -> None:
     code = aoi_cli(["check-data", "--root", tiny_mvtec_root, "--category", "nosuch", "--output_dir", tmp_path])
     err = capsys.readouterr().err

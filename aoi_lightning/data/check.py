@@ -106,7 +106,8 @@ def check_category(root: str | Path, category: str, mask_suffix: str = "_mask") 
     """Check `<root>/<category>`; problems are listed, never raised (except a missing root or category).
 
     Returns:
-        the report (JSON-ready; keys `counts`, `image_sizes`, `image_modes`, `masks`, `missing_masks`,
+        the report (JSON-ready; keys `counts`, `image_sizes`, `image_modes`, `aspect_ratio` (`aspect_ratios`),
+        `masks`, `missing_masks`,
         `orphan_masks`, `mask_size_mismatch`, `empty_masks`, `multi_level_masks` (masks of more than two
         values, binarised by the rule of `binarise_mask`, with their values), `unreadable`, `ignored_files`, `problems`,
         `num_problems`) and the groups (for the preview).
@@ -195,6 +196,7 @@ def check_category(root: str | Path, category: str, mask_suffix: str = "_mask") 
         "num_images": sum(len(g.images) for g in groups),
         "image_sizes": {g.name: _tally(f"{f.size[1]}x{f.size[0]}" for f in g.images if f.size) for g in groups},
         "image_modes": {g.name: _tally(f.mode for f in g.images if f.mode) for g in groups},
+        "aspect_ratio": aspect_ratios([f.size for g in groups for f in g.images if f.size]),
         "masks": {g.defect_type: sum(m is not None for m in g.masks.values()) for g in groups if g.masks},
         "missing_masks": missing,
         "orphan_masks": orphans,
@@ -207,6 +209,26 @@ def check_category(root: str | Path, category: str, mask_suffix: str = "_mask") 
         "num_problems": len(problems),
     }
     return report, groups
+
+
+#: Largest ratio between the widest and the narrowest image (width / height) still reported as one aspect ratio.
+ASPECT_SPREAD = 1.1
+
+
+def aspect_ratios(sizes: list[tuple[int, int]]) -> dict | None:
+    """`min`, `median` and `max` of width / height over image sizes (h, w), and `varies`: the widest is more than
+    ASPECT_SPREAD times the narrowest (then `data.resize: fit_pad` keeps each image's proportions). None without
+    sizes."""
+    ratios = sorted(w / h for h, w in sizes if h > 0 and w > 0)
+    if not ratios:
+        return None
+    low, high = ratios[0], ratios[-1]
+    return {
+        "min": round(low, 4),
+        "median": round(float(np.median(ratios)), 4),
+        "max": round(high, 4),
+        "varies": high > ASPECT_SPREAD * low,
+    }
 
 
 def _listed(levels: dict) -> str:
@@ -231,6 +253,14 @@ def summary_lines(report: dict) -> list[str]:
         modes.update(tally)
     lines.append("  sizes: " + (", ".join(f"{s} ({n})" for s, n in sizes.most_common()) or "none"))
     lines.append("  modes: " + (", ".join(f"{m} ({n})" for m, n in modes.most_common()) or "none"))
+    ratio = report.get("aspect_ratio")
+    if ratio and ratio["varies"]:
+        lines.append(
+            f"  aspect ratio (width / height) varies: {ratio['min']:.2f} to {ratio['max']:.2f}, median "
+            f"{ratio['median']:.2f}; `--data.resize fit_pad` keeps each image's proportions (docs/choosing.md)"
+        )
+    elif ratio:
+        lines.append(f"  aspect ratio (width / height): {ratio['median']:.2f}")
     lines.append(
         f"  masks: {sum(report['masks'].values())} found, {len(report['missing_masks'])} missing, "
         f"{len(report['orphan_masks'])} orphan, {len(report['multi_level_masks'])} not two-level; "
