@@ -198,6 +198,18 @@ def test_fit_records_fit_pad_through_checkpoint_and_export(pad_run: Path) -> Non
     assert metrics["image_auroc"] > 0.5 and metrics["pixel_auroc"] > 0.5  # the square set, learned through padding
 
 
+def test_training_scores_are_content_box_maxima(pad_run: Path) -> None:
+    """preds_train.jsonl, scored from the fit pass's embeddings, holds each training image's map maximum over its
+    content box (the 64 x 64 images sit at columns 32-95 of the 64 x 128 input), as a separate forward gives it."""
+    predictor = load_predictor("torch", pad_run, "cpu")
+    records = read_jsonl(pad_run / "preds_train.jsonl")
+    assert len(records) == 12
+    for rec in records[:4]:
+        loaded = predictor.preprocessing.load(rec["image_path"])
+        _, maps = predictor.predict(loaded.model_input[None])
+        assert rec["pred_score"] == pytest.approx(float(maps[0][:, 32:96].max()), rel=1e-4)
+
+
 def test_aoi_run_masks_are_the_content_box_of_the_map(
     aoi_cli, pad_run: Path, tiny_mvtec_root: Path, tmp_path: Path
 ) -> None:

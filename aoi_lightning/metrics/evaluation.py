@@ -18,14 +18,19 @@ def _clean(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else float(value)
 
 
+def crop_box(plane: torch.Tensor, box) -> torch.Tensor:
+    """`plane` (..., H, W) cut to `box` (top, left, height, width), a content box (`Preprocessing.content_box`)."""
+    top, left, h, w = (int(v) for v in box)
+    return plane[..., top : top + h, left : left + w]
+
+
 def content_pixels(batch: dict, i: int, *planes: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`planes` (each (H, W)) of item `i` cut to its content box (`batch["content_box"]`, the part of the model
     input that holds the image with `resize: fit_pad`); whole when the batch has no box."""
     boxes = batch.get("content_box")
     if boxes is None:
         return planes
-    top, left, h, w = (int(v) for v in boxes[i])
-    return tuple(p[top : top + h, left : left + w] for p in planes)
+    return tuple(crop_box(p, boxes[i]) for p in planes)
 
 
 @dataclass

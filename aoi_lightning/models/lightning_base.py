@@ -12,7 +12,7 @@ import torch
 from aoi_lightning import distributed
 from aoi_lightning.data.batches import readable, readable_flags
 from aoi_lightning.data.preprocess import Preprocessing, PreprocessingError, as_preprocessing
-from aoi_lightning.metrics.evaluation import EvaluationCollector, build_metrics_report, content_pixels
+from aoi_lightning.metrics.evaluation import EvaluationCollector, build_metrics_report, crop_box
 from aoi_lightning.models.components.base import AnomalyTorchModel, NotFittedError, exact_cuda_math
 from aoi_lightning.models.tile_calibration import calibrate_tiles_on_training_images
 from aoi_lightning.postprocess.prediction import content_score
@@ -171,11 +171,7 @@ class AnomalyModule(pl.LightningModule):
             padded = self.preprocessing is not None and self.preprocessing.resize == "fit_pad"
             if padded and None not in boxes and len(scores) == len(items):
                 maps = [m for o in outputs for m in o.anomaly_map.float().cpu()[:, 0]]  # fit_pad: the content box
-                cut = {"content_box": boxes}
-                scores = [
-                    content_score(s, content_pixels(cut, i, m)[0], m.shape)
-                    for i, (s, m) in enumerate(zip(scores, maps))
-                ]
+                scores = [content_score(s, crop_box(m, box), m.shape) for s, m, box in zip(scores, maps, boxes)]
         if len(scores) != len(items):  # cannot happen unless `update` was called outside training_step
             return
         self.train_records = [{**item, "pred_score": score} for item, score in zip(items, scores)]
