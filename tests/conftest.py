@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +51,21 @@ def tiny_fit_args(model: str, data_root: Path, runs_root: Path, run_id: str, *ex
         "--run_id", run_id,
         *extra,
     ]  # fmt: skip
+
+
+def aoi_run_records(model_dir: Path, backend: str, images: Path, out: Path, *extra: str) -> dict[str, dict]:
+    """`aoi run` of `model_dir` with `backend` on CPU over `images` into `out` (exit code 0 asserted); its
+    preds.jsonl records by file name."""
+    argv = ["run", "--model_dir", model_dir, "--input_dir", images, "--output_dir", out, "--backend", backend]
+    assert run_aoi([*argv, "--device", "cpu", "--no_progress", *extra]) == 0
+    lines = (Path(out) / "preds.jsonl").read_text(encoding="utf-8").splitlines()
+    return {Path(r["image_path"]).name: r for r in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="session")
+def run_records():
+    """`run_records(model_dir, backend, images, out, *extra) -> {file name: record}`: an `aoi run` in-process."""
+    return aoi_run_records
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -211,7 +211,7 @@ def test_training_scores_are_content_box_maxima(pad_run: Path) -> None:
 
 
 def test_aoi_run_masks_are_the_content_box_of_the_map(
-    aoi_cli, pad_run: Path, tiny_mvtec_root: Path, tmp_path: Path
+    run_records, pad_run: Path, tiny_mvtec_root: Path, tmp_path: Path
 ) -> None:
     """Test images cut to 64 x 32 sit at columns 48-79 of the 64 x 128 input, at scale 1: each written mask at the
     original size is exactly `map[:, 48:80] > pixel threshold` of the torch model for NG images (empty for OK),
@@ -220,13 +220,7 @@ def test_aoi_run_masks_are_the_content_box_of_the_map(
     inputs.mkdir()
     for path in sorted((tiny_mvtec_root / "synthetic" / "test").glob("*/*.png")):
         cv2.imwrite(str(inputs / f"{path.parent.name}_{path.stem}.png"), cv2.imread(str(path))[:, 16:48])
-    records = {}
-    for backend in ("torch", "onnx"):
-        out = tmp_path / backend
-        code = aoi_cli(["run", "--model_dir", pad_run, "--input_dir", inputs, "--output_dir", out,
-                        "--backend", backend, "--no_progress"])  # fmt: skip
-        assert code == 0
-        records[backend] = {Path(r["image_path"]).name: r for r in read_jsonl(out / "preds.jsonl")}
+    records = {backend: run_records(pad_run, backend, inputs, tmp_path / backend) for backend in ("torch", "onnx")}
     predictor = load_predictor("torch", pad_run, "cpu")
     threshold = predictor.facts.pixel_threshold
     checked = 0

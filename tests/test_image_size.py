@@ -16,7 +16,7 @@ from aoi_lightning.data.datamodule import MVTecDataModule, parse_image_size
 from aoi_lightning.data.mvtec import DataError
 from aoi_lightning.data.synthetic_strip import STRIP_DEFECT, Strip, generate_strip_mvtec
 from aoi_lightning.export.onnx_export import onnx_input_size
-from aoi_lightning.fileio import read_json, read_jsonl
+from aoi_lightning.fileio import read_json
 from aoi_lightning.models.padim.torch_model import PadimModel
 from aoi_lightning.models.patchcore.torch_model import PatchcoreModel
 from aoi_lightning.rundir.loading import read_run_info
@@ -129,7 +129,7 @@ def test_fit_export_consistency_at_h_w(wide_run: Path) -> None:
         assert ckpt["state_dict"]["model.stats.mean"].shape[-1] == (H // 4) * (W // 4)
 
 
-def test_aoi_run_on_other_sizes_at_h_w(aoi_cli, wide_run: Path, tiny_mvtec_root: Path, tmp_path: Path) -> None:
+def test_aoi_run_on_other_sizes_at_h_w(run_records, wide_run: Path, tiny_mvtec_root: Path, tmp_path: Path) -> None:
     source = cv2.imread(str(sorted((tiny_mvtec_root / "synthetic" / "test" / "good").glob("*.png"))[0]))
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -139,10 +139,7 @@ def test_aoi_run_on_other_sizes_at_h_w(aoi_cli, wide_run: Path, tiny_mvtec_root:
     scores = {}
     for backend in ("torch", "onnx"):
         out = tmp_path / backend
-        code = aoi_cli(["run", "--model_dir", wide_run, "--input_dir", inputs, "--output_dir", out,
-                        "--backend", backend, "--no_progress"])  # fmt: skip
-        assert code == 0
-        records = {Path(r["image_path"]).name: r for r in read_jsonl(out / "preds.jsonl")}
+        records = run_records(wide_run, backend, inputs, out)
         assert sorted(records) == sorted(sizes)
         for name, rec in records.items():
             assert rec["model_input_size"] == [H, W]

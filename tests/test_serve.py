@@ -9,7 +9,6 @@ cleanly.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import signal
 import subprocess
@@ -95,19 +94,9 @@ def onnx_server(patchcore_run: Path, tmp_path_factory: pytest.TempPathFactory):
         yield client, audit
 
 
-def run_records(aoi_cli, model_dir: Path, backend: str, images: Path, out: Path, *extra: str) -> dict[str, dict]:
-    code = aoi_cli(
-        ["run", "--model_dir", model_dir, "--input_dir", images, "--output_dir", out, "--backend", backend]
-        + ["--device", "cpu", "--no_progress", *extra]
-    )
-    assert code == 0
-    lines = [json.loads(x) for x in (out / "preds.jsonl").read_text(encoding="utf-8").splitlines()]
-    return {Path(r["image_path"]).name: r for r in lines}
-
-
-def test_onnx_records_masks_and_overlays_equal_aoi_run(onnx_server, patchcore_run, images, aoi_cli, tmp_path):
+def test_onnx_records_masks_and_overlays_equal_aoi_run(onnx_server, patchcore_run, images, run_records, tmp_path):
     client, audit = onnx_server
-    written = run_records(aoi_cli, patchcore_run, "onnx", images, tmp_path / "run")
+    written = run_records(patchcore_run, "onnx", images, tmp_path / "run")
     assert len(written) == len(list(images.glob("*.png"))) >= 8
     for name, expected in written.items():
         answer = client.predict(
@@ -126,7 +115,7 @@ def test_onnx_records_masks_and_overlays_equal_aoi_run(onnx_server, patchcore_ru
             np.testing.assert_array_equal(served, on_disk)
     # options change the record as they change `aoi run`'s; multipart uploads carry them as form fields
     tuned = run_records(
-        aoi_cli, patchcore_run, "onnx", images, tmp_path / "tuned", "--pixel_threshold_mult", "0.9",
+        patchcore_run, "onnx", images, tmp_path / "tuned", "--pixel_threshold_mult", "0.9",
         "--min_defect_area", "3", "--no_save_masks", "--no_save_overlays",
     )  # fmt: skip
     for name, expected in tuned.items():
@@ -147,8 +136,8 @@ def test_onnx_records_masks_and_overlays_equal_aoi_run(onnx_server, patchcore_ru
     assert info["versions"]["torch_imported"] is False  # the ONNX worker never imports torch
 
 
-def test_torch_records_equal_aoi_run(patchcore_run, images, aoi_cli, tmp_path):
-    written = run_records(aoi_cli, patchcore_run, "torch", images, tmp_path / "run")
+def test_torch_records_equal_aoi_run(patchcore_run, images, run_records, tmp_path):
+    written = run_records(patchcore_run, "torch", images, tmp_path / "run")
     audit = tmp_path / "audit"
     with running_server(patchcore_run, "torch", audit, "--max_batch_size", "4") as (client, _):
         with ThreadPoolExecutor(4) as pool:  # concurrent: batched answers must still go to the right request

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         for category, root in sets:
             for mode in MODES:
-                run_id = f"{mode}"
+                run_id = mode
                 print(f"aoi fit {model} {category} --data.resize {mode} ...", file=sys.stderr, flush=True)
                 cmd = [args.aoi, "fit", "--config", f"experiments/{model}_mvtec.yaml", "--data.root", str(root),
                        "--data.category", category, "--data.resize", mode, "--runs_root", str(work / "runs"),

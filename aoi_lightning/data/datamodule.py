@@ -18,7 +18,7 @@ from aoi_lightning.data.mvtec import (
     list_images,
     scan_mvtec,
 )
-from aoi_lightning.data.preprocess import Preprocessing, PreprocessingError, image_size_hw
+from aoi_lightning.data.preprocess import RESIZE_MODES, Preprocessing, PreprocessingError, image_size_hw
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +98,11 @@ class MVTecDataModule(pl.LightningDataModule):
         super().__init__()
         if val_split not in SPLIT_POLICIES:
             raise DataError(f"data.val_split: {val_split!r} is not one of {', '.join(SPLIT_POLICIES)}")
+        if resize not in RESIZE_MODES:
+            raise DataError(f"data.resize {resize!r} is not supported (supported: {', '.join(RESIZE_MODES)})")
         self.root = root
         self.category = category
         self.image_size = parse_image_size(image_size)
-        try:
-            self._preprocessing = Preprocessing.from_image_size(self.image_size, resize=resize)
-        except PreprocessingError as exc:
-            raise DataError(f"data.{exc}".replace("preprocessing resize", "resize")) from exc
         self.resize = resize
         self.mask_suffix = mask_suffix
         self.val_split = val_split
@@ -124,7 +122,7 @@ class MVTecDataModule(pl.LightningDataModule):
     @property
     def preprocessing(self) -> Preprocessing:
         """How every image of this data module becomes a model input (`image_size`, `resize`)."""
-        return self._preprocessing
+        return Preprocessing.from_image_size(self.image_size, resize=self.resize)
 
     @property
     def data_root(self) -> Path:

@@ -62,6 +62,32 @@ NORMALIZATION_PLACES = ("in_model",)
 PIXEL_SCALE = 255.0
 
 
+def content_box(
+    image_size: tuple[int, int], original_size: Sequence[int], resize: str = "stretch"
+) -> tuple[int, int, int, int]:
+    """Where an image of `original_size` (h, w) lies in a model input of `image_size` (H, W) under `resize`:
+    (top, left, height, width), model pixels.
+
+    `stretch`: the whole input, (0, 0, H, W). `fit_pad`: the centred box of the image scaled by
+    s = min(H / h, W / w), each side round(side x s), clamped to [1, H] or [1, W]. An unknown size (a side of 0,
+    e.g. an unreadable image) gives the whole input.
+    """
+    big_h, big_w = image_size
+    h, w = (int(v) for v in original_size)
+    if resize == "stretch" or h <= 0 or w <= 0:
+        return 0, 0, big_h, big_w
+    s = min(big_h / h, big_w / w)
+    box_h = min(big_h, max(1, round(h * s)))
+    box_w = min(big_w, max(1, round(w * s)))
+    return (big_h - box_h) // 2, (big_w - box_w) // 2, box_h, box_w
+
+
+def crop_box(plane, box: Sequence[int]):
+    """`plane` (..., H, W), a numpy array or torch tensor, cut to `box` (top, left, height, width)."""
+    top, left, h, w = (int(v) for v in box)
+    return plane[..., top : top + h, left : left + w]
+
+
 class PreprocessingError(ValueError):
     """A preprocessing description that cannot be used (bad size, unknown value or key); one line for the user."""
 
@@ -220,20 +246,8 @@ class Preprocessing:
 
     # -- images ----------------------------------------------------------------------------------------------
     def content_box(self, original_size: Sequence[int]) -> tuple[int, int, int, int]:
-        """Where an image of `original_size` lies in the model input: (top, left, height, width), model pixels.
-
-        `stretch`: the whole input, (0, 0, H, W). `fit_pad`: the centred box of the image scaled by
-        s = min(H / h, W / w), each side round(side x s), clamped to [1, H] or [1, W]. An unknown size (a side
-        of 0, e.g. an unreadable image) gives the whole input.
-        """
-        big_h, big_w = self.image_size
-        h, w = (int(v) for v in original_size)
-        if self.resize == "stretch" or h <= 0 or w <= 0:
-            return 0, 0, big_h, big_w
-        s = min(big_h / h, big_w / w)
-        box_h = min(big_h, max(1, round(h * s)))
-        box_w = min(big_w, max(1, round(w * s)))
-        return (big_h - box_h) // 2, (big_w - box_w) // 2, box_h, box_w
+        """Where an image of `original_size` lies in the model input (the module function `content_box`)."""
+        return content_box(self.image_size, original_size, self.resize)
 
     def _place(self, resized: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
         """`resized` (box_h, box_w, C) image or (box_h, box_w) mask placed at `box` in `image_size`: an image padded
@@ -283,8 +297,8 @@ class Preprocessing:
         """
         if self.resize == "stretch":
             return resize_mask(mask, self.image_size)
-        if original_size is not None and tuple(mask.shape[:2]) != tuple(int(v) for v in original_size):
-            mask = resize_mask(mask, tuple(int(v) for v in original_size))
+        if original_size is not None:
+            mask = resize_mask(mask, (int(original_size[0]), int(original_size[1])))  # as is when already that size
         box = self.content_box(mask.shape[:2])
         return self._place(resize_mask(mask, box[2:]), box)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from aoi_lightning.data.preprocess import crop_box
 from aoi_lightning.metrics.pixel_curves import PixelHistograms, pixel_aupro, pixel_auroc
 from aoi_lightning.postprocess.prediction import content_score
 
@@ -16,12 +17,6 @@ GOOD = "good"
 
 def _clean(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else float(value)
-
-
-def crop_box(plane: torch.Tensor, box) -> torch.Tensor:
-    """`plane` (..., H, W) cut to `box` (top, left, height, width), a content box (`Preprocessing.content_box`)."""
-    top, left, h, w = (int(v) for v in box)
-    return plane[..., top : top + h, left : left + w]
 
 
 def content_pixels(batch: dict, i: int, *planes: torch.Tensor) -> tuple[torch.Tensor, ...]:

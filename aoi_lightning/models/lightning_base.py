@@ -11,8 +11,8 @@ import torch
 
 from aoi_lightning import distributed
 from aoi_lightning.data.batches import readable, readable_flags
-from aoi_lightning.data.preprocess import Preprocessing, PreprocessingError, as_preprocessing
-from aoi_lightning.metrics.evaluation import EvaluationCollector, build_metrics_report, crop_box
+from aoi_lightning.data.preprocess import Preprocessing, PreprocessingError, as_preprocessing, crop_box
+from aoi_lightning.metrics.evaluation import EvaluationCollector, build_metrics_report
 from aoi_lightning.models.components.base import AnomalyTorchModel, NotFittedError, exact_cuda_math
 from aoi_lightning.models.tile_calibration import calibrate_tiles_on_training_images
 from aoi_lightning.postprocess.prediction import content_score

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aoi_lightning.data.preprocess import Preprocessing
+from aoi_lightning.data.preprocess import content_box, crop_box
 from aoi_lightning.postprocess.defects import extract_defects, peak_region
 from aoi_lightning.postprocess.records import is_ng, prediction_record
 from aoi_lightning.postprocess.render import render_overlay
@@ -130,7 +130,7 @@ class ModelFacts:
     def content_box(self, original_size: tuple[int, int]) -> tuple[int, int, int, int]:
         """(top, left, height, width) of an image of `original_size` in the model input
         (`Preprocessing.content_box`): the whole input unless the resize mode is `fit_pad`."""
-        return Preprocessing(self.input_size, resize=self.resize).content_box(original_size)
+        return content_box(self.input_size, original_size, self.resize)
 
     def report_thresholds(self) -> dict:
         return {**self.thresholds, "image_threshold": self.image_threshold, "pixel_threshold": self.pixel_threshold}
@@ -262,8 +262,7 @@ def postprocess_prediction(
     """
     amap = np.asarray(anomaly_map, dtype=np.float32)
     amap = amap.reshape(amap.shape[-2:])
-    top, left, box_h, box_w = facts.content_box(original_size)
-    content = amap[top : top + box_h, left : left + box_w]  # fit_pad: the padding is no part of the image
+    content = crop_box(amap, facts.content_box(original_size))  # fit_pad: the padding is no part of the image
     score = content_score(pred_score, content, amap.shape)
     amap = content
     verdict = is_ng(score, facts.image_threshold)
