@@ -1,7 +1,7 @@
 """The `aoi` command: LightningCLI for fit/validate/test/predict, plus the inspection commands.
 
-Only the standard library is imported at module level, so that `aoi run --backend onnx` works in an
-environment without torch and Lightning.
+Only the standard library (and `aoi_lightning.allocator`, which uses nothing else) is imported at module
+level, so that `aoi run --backend onnx` works in an environment without torch and Lightning.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 import sys
 import warnings
 from typing import NamedTuple
+
+from aoi_lightning.allocator import keep_freed_memory
 
 
 class Command(NamedTuple):
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         for a in argv
     ]
     configure_logging()
+    keep_freed_memory()
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")

@@ -189,6 +189,9 @@ def _onnx_latency(model, size: tuple[int, int], x1: torch.Tensor, xb: torch.Tens
 
 
 def _child(cfg: dict, queue) -> None:
+    from aoi_lightning.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as in the `aoi` command (a spawned child does not inherit it)
     try:
         queue.put(run_one(cfg))
     except Exception as exc:  # noqa: BLE001 - reported in the table
