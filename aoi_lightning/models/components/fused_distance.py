@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 
 import numpy as np
 import torch
+
+from aoi_lightning.models.components.jit import import_kernels
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +43,8 @@ def enabled() -> bool:
 
 
 def _build():
-    """Import (and so compile, or load from numba's cache) the kernel; returns the parallel entry point.
-
-    numba caches next to the source or in the user's cache folder; where neither is writable (a read-only
-    install and home), the cache goes to the temporary folder instead of failing."""
-    import numba
-
-    try:
-        from aoi_lightning.models.components import _fused_kernels
-    except RuntimeError as exc:
-        if "cannot cache" not in str(exc):
-            raise
-        numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), "aoi-numba-cache")
-        from aoi_lightning.models.components import _fused_kernels
-    return _fused_kernels.squared
+    """Import (and so compile, or load from numba's cache) the kernel; returns the parallel entry point."""
+    return import_kernels("aoi_lightning.models.components._fused_kernels").squared
 
 
 def kernel():

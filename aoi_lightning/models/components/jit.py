@@ -1,0 +1,32 @@
+"""Importing the package's numba kernel modules: compiled on first import, then loaded from numba's disk cache."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from types import ModuleType
+
+#: Where numba's cache goes when neither the folder of the source nor the user's cache folder is writable.
+FALLBACK_CACHE_DIR = os.path.join(tempfile.gettempdir(), "aoi-numba-cache")
+
+
+def import_kernels(module: str) -> ModuleType:
+    """Import `module` (e.g. `aoi_lightning.models.components._coreset_kernel`), which compiles its kernels or
+    loads them from numba's cache.
+
+    numba caches next to the source or in the user's cache folder; where neither is writable (a read-only
+    install and home), the cache goes to `FALLBACK_CACHE_DIR` instead of failing.
+
+    Raises:
+        ImportError: numba (or llvmlite) is not installed; any other error of numba's compiler as it is.
+    """
+    import numba
+
+    try:
+        return importlib.import_module(module)
+    except RuntimeError as exc:
+        if "cannot cache" not in str(exc):
+            raise
+        numba.config.CACHE_DIR = FALLBACK_CACHE_DIR
+        return importlib.import_module(module)
