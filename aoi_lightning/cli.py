@@ -136,8 +136,12 @@ def _user_message(exc: BaseException) -> str:
     """One line for the user: the root cause of a chain (jsonargparse wraps errors raised while building the
     model or data module), prefixed with the config key it concerns when known."""
     chain = [exc]
-    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    while True:  # `raise ... from None` ends the chain, as in a traceback
+        last = chain[-1]
+        following = last.__cause__ or (None if last.__suppress_context__ else last.__context__)
+        if following is None:
+            break
+        chain.append(following)
     # the outermost error of this package says what to do; otherwise the root cause says what went wrong
     ours = [e for e in chain if type(e).__module__.startswith("aoi_lightning")]
     root = ours[0] if ours else chain[-1]

@@ -85,16 +85,55 @@ def read_json(path: str | Path) -> dict:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Complete lines of a JSON Lines file; a torn last line (crash while appending) is ignored."""
+    """Complete lines of a JSON Lines file; a torn last line (crash while appending) is ignored.
+
+    Raises:
+        ValueError: a complete line that is not a JSON object (one line naming the file and the line number).
+    """
     out = []
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             if not line.endswith("\n"):
                 break
             line = line.strip()
-            if line:
-                out.append(json.loads(line))
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"{path} line {number} is not valid JSON ({exc.msg}); fix or remove that line"
+                ) from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path} line {number} is not a JSON object; fix or remove that line")
+            out.append(record)
     return out
+
+
+class OutputDirError(ValueError):
+    """An output folder that cannot be used: a file in its place, or no permission to create or write it."""
+
+
+def prepare_output_dir(path: str | Path, option: str = "output_dir") -> Path:
+    """Create the output folder `path` (with its parents) and check that files can be written in it, before any
+    work starts.
+
+    Raises:
+        OutputDirError: one line naming `--option` and the reason (a file is in the way, permission denied, ...).
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"--{option}: {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputDirError(f"--{option}: cannot create {path}: {exc.strerror or exc}") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise OutputDirError(f"--{option}: cannot write in {path}: {exc.strerror or exc}") from None
+    return path
 
 
 def differing_value(on_disk: object, expected: dict[str, float], rel_tol: float = 1e-5) -> tuple[str, object] | None:

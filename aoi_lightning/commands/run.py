@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Literal
 
 from aoi_lightning.data.image_io import IMAGE_EXTENSIONS, list_images
+from aoi_lightning.fileio import prepare_output_dir
 from aoi_lightning.inference.folder import load_predictor, run_folder
 from aoi_lightning.postprocess.outputs import PREDS_FILE, REPORT_JSON, OutputOptions
 
 log = logging.getLogger(__name__)
+
+#: Exit status of `aoi run` when every file was unreadable (error lines only): nothing was inspected.
+NOTHING_INSPECTED = 3
 
 
 class RunnerError(ValueError):
@@ -73,7 +78,7 @@ def run(
         resume: continue an interrupted run in OUTPUT_DIR: keep its complete lines, predict only the other images.
 
     Returns:
-        0 when every image was judged or recorded as an error line.
+        0 when at least one image was judged (unreadable files are error lines); 3 when none could be read.
 
     Raises:
         RunnerError: missing folder, no images in the folder, a value out of range (one line).
@@ -84,8 +89,10 @@ def run(
         raise RunnerError(f"--input_dir: folder not found: {inputs}")
     if not Path(model_dir).expanduser().is_dir():
         raise RunnerError(f"--model_dir: run directory not found: {model_dir}")
-    if batch_size < 1 or num_workers < 0:
-        raise RunnerError("--batch_size must be >= 1 and --num_workers >= 0")
+    if batch_size < 1:
+        raise RunnerError(f"--batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise RunnerError(f"--num_workers must be >= 0, got {num_workers}")
     try:
         options = OutputOptions(
             pixel_threshold_mult=pixel_threshold_mult,
@@ -96,9 +103,15 @@ def run(
     except ValueError as exc:
         raise RunnerError(f"--{exc}") from exc
     input_root = inputs.resolve()
+    if input_root.is_relative_to(outputs.resolve()):
+        raise RunnerError(
+            f"--output_dir {outputs} is --input_dir or holds it: its images would be left out as earlier results; "
+            "choose another --output_dir (a subfolder of --input_dir is fine)"
+        )
     paths = collect_images(input_root, outputs, recursive)
     if not paths:
         raise RunnerError(no_images_message(input_root, outputs, recursive))
+    prepare_output_dir(outputs)
     predictor = load_predictor(backend, model_dir, device)
     report = run_folder(
         predictor,
@@ -111,9 +124,14 @@ def run(
         progress=not no_progress,
         resume=resume,
     )
+    speed = f", {report['images_per_second']:.1f} images/s" if report["num_images"] > 0 else ""
     print(
         f"aoi run: {report['num_images']} images ({report['num_ok']} OK, {report['num_ng']} NG), "
-        f"{report['num_errors']} errors, {report['images_per_second']:.1f} images/s -> "
-        f"{outputs / PREDS_FILE}, {outputs / REPORT_JSON}"
+        f"{report['num_errors']} errors{speed} -> {outputs / PREDS_FILE}, {outputs / REPORT_JSON}"
     )
+    if report["num_images"] == 0:
+        print(
+            f"aoi run: no image could be read ({report['num_errors']} errors): nothing was inspected", file=sys.stderr
+        )
+        return NOTHING_INSPECTED
     return 0

@@ -4,6 +4,8 @@ from the headers by Pillow before decoding); masks read by content whatever thei
 from __future__ import annotations
 
 import io
+import logging
+import os
 import struct
 from pathlib import Path
 
@@ -23,6 +25,13 @@ MAX_FILE_BYTES = 512 * 1024 * 1024
 _REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
+log = logging.getLogger(__name__)
+# decoder failures become one-line errors of ours (ImageReadError, naming the file); OpenCV's own log lines would
+# repeat them without the file name (errors of other OpenCV calls still raise cv2.error)
+if hasattr(cv2, "utils") and hasattr(cv2.utils, "logging"):
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
+
+
 class ImageReadError(ValueError):
     """A file that is not a readable image; the message is one line for the user."""
 
@@ -31,19 +40,44 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+#: A folder holding this file is an output folder of `aoi run` / `aoi watch` (earlier results, not inputs).
+RESULTS_MARKER = "preds.jsonl"
+
+
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files of a folder in sorted order (hidden files skipped).
 
     Symbolic links are listed under their own name: a link to a file anywhere is read as that file, and a
-    broken link is listed too (it then fails to open with a clear message rather than vanishing). Linked
-    folders are not descended into.
+    broken link is listed too (it then fails to open with a clear message rather than vanishing). With
+    `recursive`, linked folders are descended into like the others, each real folder once (a link loop ends
+    there), and subfolders holding a `preds.jsonl` (results of an earlier `aoi run` or `aoi watch`: their masks
+    and overlays are not parts) are left out, with a log line.
     """
-    pattern = "**/*" if recursive else "*"
-    return sorted(
-        p
-        for p in Path(folder).glob(pattern)
-        if is_image_file(p) and not p.name.startswith(".") and (p.is_file() or (p.is_symlink() and not p.exists()))
-    )
+    folder = Path(folder)
+
+    def wanted(path: Path) -> bool:
+        return is_image_file(path) and not path.name.startswith(".") and (path.is_file() or not path.exists())
+
+    if not recursive:
+        return sorted(p for p in folder.iterdir() if wanted(p)) if folder.is_dir() else []
+    found, seen, results = [], set(), []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        here = Path(root)
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        if here != folder and RESULTS_MARKER in files:
+            results.append(here)
+            dirs[:] = []
+            continue
+        dirs.sort()
+        found += [here / name for name in files if wanted(here / name)]
+    if results:
+        shown = ", ".join(str(p) for p in results[:3]) + (f" and {len(results) - 3} more" if len(results) > 3 else "")
+        log.info("left out %d folder(s) of earlier results (they hold %s): %s", len(results), RESULTS_MARKER, shown)
+    return sorted(found)
 
 
 #: Leading bytes of each accepted format (the content decides, not the file name).

@@ -19,7 +19,13 @@ import numpy as np
 
 from aoi_lightning.data.preprocess import LoadedImage, Preprocessing, as_preprocessing
 from aoi_lightning.fileio import read_jsonl
-from aoi_lightning.postprocess.outputs import ModelFacts, OutputOptions, PredictionOutputs, finish_outputs
+from aoi_lightning.postprocess.outputs import (
+    ModelFacts,
+    OutputOptions,
+    PredictionOutputs,
+    finish_outputs,
+    output_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +112,7 @@ def run_folder(
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     facts = predictor.facts
     outputs = PredictionOutputs(output_dir, facts, options, input_root)
-    outputs.open(resume=resume)
+    outputs.open(resume=resume, settings=output_settings(facts, options, predictor.run_id, input_root))
     todo = [p for p in paths if str(p) not in outputs.done]
     if outputs.done:
         log.info("resuming: %d images already in %s, %d to go", len(paths) - len(todo), outputs.jsonl_path, len(todo))

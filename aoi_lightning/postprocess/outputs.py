@@ -10,12 +10,20 @@ from pathlib import Path
 
 import numpy as np
 
-from aoi_lightning.fileio import dumps, output_name, read_jsonl, write_json, write_jsonl
+from aoi_lightning.fileio import dumps, output_name, read_json, read_jsonl, write_json, write_jsonl
 from aoi_lightning.postprocess.prediction import ModelFacts, OutputOptions, postprocess_prediction
 from aoi_lightning.postprocess.records import build_report, error_record
 from aoi_lightning.postprocess.render import save_mask_png, write_png
 
-__all__ = ["ModelFacts", "OutputOptions", "PredictionOutputs", "finish_outputs", "merge_rank_files"]
+__all__ = [
+    "ModelFacts",
+    "OutputOptions",
+    "PredictionOutputs",
+    "ResumeError",
+    "finish_outputs",
+    "merge_rank_files",
+    "output_settings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +31,32 @@ MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
 PREDS_FILE = "preds.jsonl"
 REPORT_JSON = "report.json"
+#: What made the records of an output folder (model, thresholds, input folder, options); `--resume` checks it.
+SETTINGS_FILE = "settings.json"
+
+
+class ResumeError(ValueError):
+    """`--resume` into an output folder whose records were made with other settings; the message is one line."""
+
+
+def output_settings(facts: ModelFacts, options: OutputOptions, run_id: str, input_dir: str | Path | None) -> dict:
+    """Everything that decides the records of an output folder: the model (run id, thresholds, input size, resize
+    mode), the input folder and the output options. Written to `settings.json`; the back end and device are not
+    part of it (they give the same records to float rounding)."""
+    return {
+        "model": facts.model,
+        "category": facts.category,
+        "run_id": run_id,
+        "image_threshold": facts.image_threshold,
+        "pixel_threshold": facts.pixel_threshold,
+        "input_size": list(facts.input_size),
+        "resize": facts.resize,
+        "input_dir": str(input_dir) if input_dir is not None else None,
+        "pixel_threshold_mult": options.pixel_threshold_mult,
+        "min_defect_area": options.min_defect_area,
+        "save_masks": options.save_masks,
+        "save_overlays": options.save_overlays,
+    }
 
 
 class PredictionOutputs:
@@ -50,13 +84,26 @@ class PredictionOutputs:
         #: image paths already in preds.jsonl when resuming
         self.done: set[str] = set()
 
-    def open(self, resume: bool = False) -> PredictionOutputs:
+    def open(self, resume: bool = False, settings: dict | None = None) -> PredictionOutputs:
         """Create the folders and start an empty JSON Lines file; with `resume`, keep the complete lines of an
-        earlier, interrupted run (a torn last line is dropped) and append after them (see `done`)."""
+        earlier, interrupted run (a torn last line is dropped) and append after them (see `done`).
+
+        Args:
+            resume: keep the earlier lines.
+            settings: `output_settings` of this run, written to `settings.json`. With `resume`, the earlier
+                run's `settings.json` must hold the same values.
+
+        Raises:
+            ResumeError: `resume` with records of other settings (nothing is changed on disk then).
+        """
+        if resume and settings is not None and self.jsonl_path.is_file():
+            self._check_settings(settings)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for sub, wanted in ((MASKS_DIR, self.options.save_masks), (OVERLAYS_DIR, self.options.save_overlays)):
             if wanted:
                 (self.output_dir / sub).mkdir(exist_ok=True)
+        if settings is not None:
+            write_json(self.output_dir / SETTINGS_FILE, settings)
         self.done = set()
         if resume and self.jsonl_path.is_file():
             kept = read_jsonl(self.jsonl_path)
@@ -66,6 +113,30 @@ class PredictionOutputs:
         mode = "a" if resume else "w"
         self._handle = open(self.jsonl_path, mode, encoding="utf-8")  # noqa: SIM115 - closed in close()
         return self
+
+    def _check_settings(self, settings: dict) -> None:
+        path = self.output_dir / SETTINGS_FILE
+        if not path.is_file():
+            if read_jsonl(self.jsonl_path):
+                log.warning(
+                    "%s has no %s (written by an older version): its settings cannot be checked",
+                    self.output_dir,
+                    SETTINGS_FILE,
+                )
+            return
+        try:
+            earlier = read_json(path)
+        except (OSError, ValueError) as exc:
+            raise ResumeError(f"--resume: cannot read {path} ({exc}); use a new --output_dir") from None
+        earlier = earlier if isinstance(earlier, dict) else {}
+        changed = [
+            f"{key} {earlier.get(key)!r} -> {value!r}" for key, value in settings.items() if earlier.get(key) != value
+        ]
+        if changed:
+            raise ResumeError(
+                f"--resume: {self.output_dir} holds records made with other settings ({'; '.join(changed)}); "
+                "use a new --output_dir, or the same settings"
+            )
 
     def close(self) -> None:
         if self._handle is not None:

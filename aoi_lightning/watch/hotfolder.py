@@ -28,7 +28,7 @@ import numpy as np
 from aoi_lightning.data.image_io import is_image_file, list_images
 from aoi_lightning.fileio import output_name, read_jsonl
 from aoi_lightning.inference.folder import LoadedImage, Predictor, load_image
-from aoi_lightning.postprocess.outputs import OutputOptions, PredictionOutputs, finish_outputs
+from aoi_lightning.postprocess.outputs import OutputOptions, PredictionOutputs, finish_outputs, output_settings
 from aoi_lightning.watch.settle import FileKey, SettleTracker
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,9 @@ class HotFolder:
 
     # -- state from preds.jsonl ----------------------------------------------------------------------------
     def _resume(self) -> None:
-        self.outputs.open(resume=True)
+        facts = self.predictor.facts
+        settings = output_settings(facts, self.output_options, self.predictor.run_id, self.input_dir)
+        self.outputs.open(resume=True, settings=settings)
         self.records = read_jsonl(self.outputs.jsonl_path)
         for rec in self.records:
             path = str(rec.get("image_path"))
