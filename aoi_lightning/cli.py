@@ -49,6 +49,9 @@ EXTRA_COMMANDS: dict[str, Command] = {
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
+#: Packages of the full install that the torch-free line install leaves out.
+TRAINING_STACK = ("torch", "torchvision", "lightning", "timm", "kornia", "torchmetrics", "faiss", "numba")
+
 #: Libraries that attach a stderr handler of their own to their top logger at import, and still propagate.
 LIBRARY_LOGGERS = ("lightning", "torchmetrics")
 
@@ -129,7 +132,8 @@ def run_command(name: str, argv: list[str], debug: bool = False) -> int:
 
 def _is_user_error(exc: BaseException) -> bool:
     """Errors that describe a mistake in the input (config, data, files), as opposed to a bug."""
-    return isinstance(exc, (ValueError, FileNotFoundError)) or type(exc).__module__.startswith("aoi_lightning")
+    # OSError: a file system refusal (permission, no space, a file where a folder should be) names its path
+    return isinstance(exc, (ValueError, OSError)) or type(exc).__module__.startswith("aoi_lightning")
 
 
 def _user_message(exc: BaseException) -> str:
@@ -219,6 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aoi: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in TRAINING_STACK or debug or os.environ.get("AOI_DEBUG"):
+            raise
+        print(
+            f"aoi {command}: error: {missing} is not installed here (a line install?): without it `aoi run`, "
+            "`aoi serve` and `aoi watch` work with --backend onnx or openvino; the other commands need the full "
+            "install (pip install .)",
+            file=sys.stderr,
+        )
+        return 2
     except Exception as exc:  # noqa: BLE001 - user mistakes become one line, anything else propagates
         if not _is_user_error(exc) or debug or os.environ.get("AOI_DEBUG"):
             raise

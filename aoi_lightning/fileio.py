@@ -114,25 +114,23 @@ class OutputDirError(ValueError):
     """An output folder that cannot be used: a file in its place, or no permission to create or write it."""
 
 
-def prepare_output_dir(path: str | Path, option: str = "output_dir") -> Path:
-    """Create the output folder `path` (with its parents) and check that files can be written in it, before any
-    work starts.
+def check_output_dir(path: str | Path, option: str = "output_dir") -> Path:
+    """Check, before any work starts and without creating anything, that the output folder `path` can be made
+    and written: no file in its place or above it, and write permission where it will be created.
 
     Raises:
-        OutputDirError: one line naming `--option` and the reason (a file is in the way, permission denied, ...).
+        OutputDirError: one line naming `--option` and the reason.
     """
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise OutputDirError(f"--{option}: {path} is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputDirError(f"--{option}: cannot create {path}: {exc.strerror or exc}") from None
-    try:
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise OutputDirError(f"--{option}: cannot write in {path}: {exc.strerror or exc}") from None
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputDirError(f"--{option}: cannot create {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputDirError(f"--{option}: cannot write in {existing}: permission denied")
     return path
 
 

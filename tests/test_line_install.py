@@ -75,3 +75,20 @@ def test_aoi_run_onnx_without_torch(tiny_onnx_run: Path, tmp_path: Path):
     assert "error" in records[2]
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert (report["num_ok"], report["num_ng"], report["num_errors"]) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("command", ["run", "check-data"])
+def test_commands_that_need_torch_say_so_in_one_line(tiny_onnx_run: Path, tmp_path: Path, command: str):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "a.png").write_bytes(image_png(0, False))
+    args = {
+        "run": ("run", "--model_dir", tiny_onnx_run, "--input_dir", inp, "--output_dir", tmp_path / "out"),
+        "check-data": ("check-data", "--root", tmp_path, "--category", "in", "--output_dir", tmp_path / "cd"),
+    }
+    res = subprocess.run(aoi_argv(*args[command]), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"aoi {command}: error: torch is not installed here (a line install?): without it `aoi run`, `aoi serve` "
+        "and `aoi watch` work with --backend onnx or openvino; the other commands need the full install (pip install .)"
+    ]

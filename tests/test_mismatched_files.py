@@ -176,9 +176,10 @@ def test_run_onnx_refuses_an_input_size_that_differs_from_export_meta(
 ) -> None:
     run, out = resized_onnx_run, tmp_path / "out"
     assert aoi_cli(["run", "--model_dir", run, "--input_dir", one_image, "--output_dir", out, "--backend", "onnx"]) == 2
+    # the graph of another size is another file than the one export_meta.json describes
     assert _error_line(capsys, "run") == (
-        f"aoi run: error: {run / 'export' / 'model.onnx'} takes input ['batch', 3, 96, 96], but "
-        f"{run / 'export' / 'export_meta.json'} says image_size [64, 64]"
+        f"aoi run: error: {run / 'export' / 'model.onnx'} is not the file "
+        f"{run / 'export' / 'export_meta.json'} describes (sha256 differs): re-export with `aoi export --run_dir {run}`"
     )
     assert not out.exists()
 

@@ -35,7 +35,7 @@ BLOCKED = {BLOCKED!r}
 class Blocker(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{{name}} is blocked in this process")
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked in this process)", name=name)
         return None
 sys.meta_path.insert(0, Blocker())
 from aoi_lightning.cli import main

@@ -10,7 +10,7 @@ import numpy as np
 
 from aoi_lightning.data.check import GroupEntry, check_category, summary_lines
 from aoi_lightning.data.image_io import ImageReadError, read_image, read_mask
-from aoi_lightning.fileio import write_json
+from aoi_lightning.fileio import check_output_dir, write_json
 from aoi_lightning.postprocess.render import write_png
 
 MASK_COLOR = (0, 0, 255)  # BGR red
@@ -106,8 +106,8 @@ def check_data(
     """
     if samples < 1 or tile_size < 32:
         raise ValueError("--samples must be >= 1 and --tile_size >= 32")
+    out = check_output_dir(output_dir)
     report, groups = check_category(root, category, mask_suffix)
-    out = Path(output_dir).expanduser()
     title = f"{category}: samples per split/defect type (masks outlined in red)"
     preview = write_png(out / "preview.png", render_preview(groups, title, samples, tile_size))
     report["preview"] = str(preview)

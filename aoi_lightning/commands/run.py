@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from aoi_lightning.data.image_io import IMAGE_EXTENSIONS, list_images
-from aoi_lightning.fileio import prepare_output_dir
+from aoi_lightning.fileio import check_output_dir
 from aoi_lightning.inference.folder import load_predictor, run_folder
 from aoi_lightning.postprocess.outputs import PREDS_FILE, REPORT_JSON, OutputOptions
 
@@ -111,7 +111,7 @@ def run(
     paths = collect_images(input_root, outputs, recursive)
     if not paths:
         raise RunnerError(no_images_message(input_root, outputs, recursive))
-    prepare_output_dir(outputs)
+    check_output_dir(outputs)
     predictor = load_predictor(backend, model_dir, device)
     report = run_folder(
         predictor,

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Literal
 
-from aoi_lightning.fileio import prepare_output_dir
+from aoi_lightning.fileio import check_output_dir
 from aoi_lightning.inference.folder import load_predictor
 from aoi_lightning.postprocess.outputs import PREDS_FILE, REPORT_JSON, OutputOptions
 from aoi_lightning.watch.hotfolder import HotFolder, WatchOptions
@@ -102,7 +102,7 @@ def watch(
         raise WatchError(f"--{exc}") from exc
     for option, folder in (("output_dir", output_dir), ("done_dir", done_dir), ("error_dir", error_dir)):
         if folder is not None:
-            prepare_output_dir(folder, option)
+            check_output_dir(folder, option)
     predictor = load_predictor(backend, model_dir, device)
     try:
         hot = HotFolder(predictor, inp, output_dir, output_options, done_dir, error_dir, options)

@@ -6,12 +6,14 @@ A run directory (or a copy of just its `export/` folder) is enough for the line 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from aoi_lightning.data.preprocess import Preprocessing, PreprocessingError
+from aoi_lightning.fileio import sha256_of
 from aoi_lightning.postprocess.prediction import ModelFacts
 from aoi_lightning.rundir.thresholds_file import check_thresholds_file
 
@@ -19,6 +21,8 @@ EXPORT_DIR = "export"
 ONNX_FILE = "model.onnx"
 META_FILE = "export_meta.json"
 THRESHOLDS_FILE = "thresholds.json"
+#: export_meta.json keys that `aoi export` also writes into the graph's metadata, compared at load.
+GRAPH_CHECKED_KEYS = ("model", "run_id", "image_size", "preprocessing", "image_threshold", "pixel_threshold")
 
 
 class OnnxRunError(ValueError):
@@ -63,6 +67,29 @@ class ExportedModel:
     facts: ModelFacts
     run_id: str
 
+    def check_graph_metadata(self, props: dict[str, str]) -> None:
+        """Refuse an `export_meta.json` whose model, run, thresholds, image size or preprocessing differ from
+        what `aoi export` wrote into the graph itself (`props`: the ONNX metadata_props, as the runtime reads
+        them): the file was edited after the export. Keys the graph does not carry are not compared."""
+        for key in GRAPH_CHECKED_KEYS:
+            if key not in props or key not in self.meta:
+                continue
+            text = str(props[key])
+            try:
+                in_graph = json.loads(text)
+            except ValueError:
+                in_graph = text
+            in_meta = self.meta[key]
+            if isinstance(in_graph, (int, float)) and isinstance(in_meta, (int, float)):
+                same = math.isclose(float(in_graph), float(in_meta), rel_tol=1e-9, abs_tol=0.0)
+            else:
+                same = in_graph == in_meta or (isinstance(in_graph, str) and in_graph == str(in_meta))
+            if not same:
+                raise OnnxRunError(
+                    f"{self.meta_path} says {key} {in_meta!r}, but {self.onnx_path} was exported with {in_graph!r}: "
+                    f"the file was edited after the export; re-export with `aoi export --run_dir RUN`"
+                )
+
     def check_input_shape(self, shape) -> None:
         """Refuse a graph whose (B, 3, H, W) input is not the recorded image size."""
         size = list(self.preprocessing.image_size)
@@ -97,6 +124,12 @@ def read_export(model_dir: str | Path) -> ExportedModel:
         raise OnnxRunError(f"{meta_path}: {exc}") from exc
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise OnnxRunError(f"{meta_path} is not a valid export_meta.json ({type(exc).__name__}: {exc})") from exc
+    # the graph files must be the ones the metadata describes (a model.onnx copied from another run, a damaged file)
+    stale = f"re-export with `aoi export --run_dir {model_dir}`"
+    for path, key in ((onnx_path, "sha256"), (folder / str(meta.get("external_data")), "external_data_sha256")):
+        expected = meta.get(key)
+        if expected and path.is_file() and sha256_of(path) != expected:
+            raise OnnxRunError(f"{path} is not the file {meta_path} describes (sha256 differs): {stale}")
     # an export whose thresholds differ from the run's thresholds.json is stale (the run was refit or the
     # file edited after `aoi export`)
     check_thresholds_file(
@@ -156,6 +189,7 @@ class OnnxPredictor:
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise OnnxRunError(f"cannot load {export.onnx_path}: {str(exc).splitlines()[0]}") from exc
         export.check_input_shape(session.get_inputs()[0].shape)
+        export.check_graph_metadata(dict(session.get_modelmeta().custom_metadata_map))
         return cls(session, export.facts, export.run_id, export.preprocessing)
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

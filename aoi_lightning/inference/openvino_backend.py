@@ -51,6 +51,9 @@ class OpenVinoPredictor:
             model = core.read_model(str(export.onnx_path))
             shape = model.input(0).get_partial_shape()
             export.check_input_shape([str(d) if d.is_dynamic else d.get_length() for d in shape])
+            info = model.get_rt_info()
+            framework = info["framework"] if "framework" in info else {}  # the ONNX metadata_props
+            export.check_graph_metadata({str(k): v.astype(str) for k, v in dict(framework).items()})
             compiled = core.compile_model(model, "CPU", config)
         except OnnxRunError:
             raise
