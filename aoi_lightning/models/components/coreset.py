@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from aoi_lightning.models.components.jit import import_kernels
+from aoi_lightning.models.components.jit import PARALLEL_LOCK, import_kernels, parallel_threads
 
 log = logging.getLogger(__name__)
 _kernel_state: dict = {"kernel": None, "error": None}
@@ -33,11 +33,11 @@ def greedy_coreset(features: torch.Tensor, num_samples: int, projection_dim: int
     2022, section 3.2).
 
     Each step picks the point farthest from the current selection and updates every point's distance to its
-    nearest selected point. On CPU a numba kernel does it (`_coreset_kernel.farthest_first`): it computes each
-    distance in one pass and skips, by the triangle inequality, the clusters a new centre cannot come nearer to
-    (2.9x faster than the PyTorch loop for transistor's 218k patches at 1%). Without numba the PyTorch loop
-    runs: one (N, d) matrix-vector product a step. Both select the same points up to float32 rounding of
-    near-equal distances.
+    nearest selected point. On CPU a numba kernel does it (`_coreset_kernel.farthest_first`): distance, update
+    and farthest point in one parallel pass over the points (1.9x faster than the PyTorch loop for transistor's
+    218k patches at 1%, 2 cores). Without numba the PyTorch loop runs: one (N, d) matrix-vector product and four
+    passes over the distances a step. Both select the same points up to float32 rounding of near-equal
+    distances.
 
     Args:
         features: (N, D) memory bank.
@@ -62,7 +62,8 @@ def greedy_coreset(features: torch.Tensor, num_samples: int, projection_dim: int
     kernel = _kernel() if x.device.type == "cpu" else None
     if kernel is not None:
         selected = np.empty(num_samples, np.int64)
-        kernel(x.contiguous().numpy(), first, selected)
+        with PARALLEL_LOCK:
+            kernel(x.contiguous().numpy(), first, selected, parallel_threads())
         return torch.from_numpy(selected)
     return _farthest_first_torch(x, first, num_samples)
 

@@ -21,7 +21,7 @@ import threading
 import numpy as np
 import torch
 
-from aoi_lightning.models.components.jit import import_kernels
+from aoi_lightning.models.components.jit import PARALLEL_LOCK, import_kernels, parallel_threads
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ MAX_BATCH = {torch.float16: 8, torch.float32: 1}
 ENV_SWITCH = "AOI_FUSED_DISTANCE"
 
 _lock = threading.Lock()
-_run_lock = threading.Lock()  # one call at a time: numba's simplest threading layer is not thread-safe
 _state: dict = {"kernel": None, "error": None}
 
 
@@ -87,12 +86,9 @@ def squared_distances(delta: torch.Tensor, panels: torch.Tensor, bounds: torch.T
     panels = panels.contiguous()
     stored = panels.view(torch.int16).numpy().view(np.uint16) if panels.dtype == torch.float16 else panels.numpy()
     out = torch.empty(delta.shape[:2], dtype=torch.float32)
-    threads = max(1, torch.get_num_threads())
     try:
-        import numba
-
-        with _run_lock:
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        with PARALLEL_LOCK:
+            threads = parallel_threads()
             run(delta.numpy(), stored, bounds.to(torch.int64).contiguous().numpy(), out.numpy(), threads)
     except Exception as exc:  # noqa: BLE001 - a failed JIT compile or threading layer: fall back for good
         _disable(exc)

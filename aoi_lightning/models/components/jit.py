@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib
 import os
 import tempfile
+import threading
 from types import ModuleType
 
+#: One parallel kernel call at a time: numba's simplest threading layer (workqueue) is not thread-safe.
+PARALLEL_LOCK = threading.Lock()
 #: Where numba's cache goes when neither the folder of the source nor the user's cache folder is writable.
 FALLBACK_CACHE_DIR = os.path.join(tempfile.gettempdir(), "aoi-numba-cache")
 
@@ -30,3 +33,14 @@ def import_kernels(module: str) -> ModuleType:
             raise
         numba.config.CACHE_DIR = FALLBACK_CACHE_DIR
         return importlib.import_module(module)
+
+
+def parallel_threads() -> int:
+    """Threads for a parallel kernel: as many as PyTorch is set to use, within numba's own limit; sets numba's
+    count (call it holding `PARALLEL_LOCK`)."""
+    import numba
+    import torch
+
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
