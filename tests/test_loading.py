@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from aoi_lightning.rundir.loading import RunError, load_checkpoint_model, load_run_model
 
@@ -30,6 +31,16 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_run(tmp_path: Path):
     with pytest.raises(RunError, match="refusing to load .*could run code"):
         load_checkpoint_model(ckpt)
     assert not marker.exists()
+
+
+def test_random_bytes_are_called_corrupt_not_code(tmp_path: Path):
+    """Damaged bytes that the weights-only unpickler rejects are a corrupt file, not a security refusal."""
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(bytes(torch.randint(0, 256, (200_000,), generator=torch.Generator().manual_seed(0),
+                                         dtype=torch.uint8).tolist()))  # fmt: skip
+    with pytest.raises(RunError, match="truncated or corrupt file") as info:
+        load_checkpoint_model(ckpt)
+    assert "could run code" not in str(info.value)
 
 
 def test_truncated_checkpoint_is_one_clear_error(patchcore_run: Path, tmp_path: Path):

@@ -76,6 +76,11 @@ def read_checkpoint(ckpt_path: str | Path, mmap: bool = False) -> dict:
         # mapping needs the zip format of torch.save; any other file is read (and judged) the plain way
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(ckpt_path))
     except pickle.UnpicklingError as exc:
+        with open(ckpt_path, "rb") as handle:
+            head = handle.read(2)
+        is_pickle = len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # a pickle's PROTO opcode
+        if not is_pickle and "global" not in str(exc).lower():  # damaged bytes, not a forbidden class or function
+            raise RunError(f"cannot read {ckpt_path}: truncated or corrupt file (not a readable checkpoint)") from exc
         raise RunError(
             f"refusing to load {ckpt_path}: it holds pickled Python objects beyond plain tensors and containers "
             "(they could run code); only weights-only checkpoints written by `aoi fit` are accepted"
