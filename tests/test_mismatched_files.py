@@ -15,6 +15,7 @@ import onnx
 import pytest
 
 from aoi_lightning.fileio import read_jsonl
+from tests.conftest import run_aoi
 
 
 def _error_line(capsys, command: str) -> str:
@@ -210,3 +211,19 @@ def test_run_onnx_works_from_a_copy_of_the_export_folder_alone(
     assert record["image_threshold"] == pytest.approx(meta["thresholds"]["image_threshold"], rel=1e-6)
     mask = cv2.imdecode(np.fromfile(str(out / record["mask_path"]), np.uint8), cv2.IMREAD_UNCHANGED)
     assert mask.shape == tuple(record["image_size"])
+
+
+def test_unknown_class_path_in_config_is_named_and_the_checkpoint_decides(
+    patchcore_run: Path, one_image: Path, tmp_path: Path, caplog
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(patchcore_run, run)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("aoi_lightning.models.Patchcore", "aoi_lightning.models.PatchcoreX"))
+    caplog.set_level("WARNING")
+    out = tmp_path / "out"
+    argv = ["run", "--model_dir", run, "--input_dir", one_image, "--output_dir", out, "--backend", "torch"]
+    assert run_aoi([*argv, "--no_progress"]) == 0
+    assert "names the model class 'aoi_lightning.models.PatchcoreX', which this package does not know" in caplog.text
+    records = [json.loads(line) for line in (out / "preds.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in records} == {"patchcore"}

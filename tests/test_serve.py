@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -324,6 +325,19 @@ def test_serve_refuses_bad_arguments(aoi_cli, patchcore_run, tmp_path, capsys, m
     empty.write_text("\n", encoding="utf-8")
     assert aoi_cli(["serve", "--model_dir", patchcore_run, "--api_key_file", empty]) == 2
     assert "is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_damaged_run_is_refused_before_any_server_starts(aoi_cli, patchcore_run, tmp_path, capsys, backend):
+    run = tmp_path / "run"
+    shutil.copytree(patchcore_run, run)
+    damaged = run / ("export/model.onnx" if backend == "onnx" else "weights/model.ckpt")
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    assert aoi_cli(["serve", "--model_dir", run, "--backend", backend, "--port", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "http://" not in captured.out  # nothing was started
+    expected = "sha256 differs" if backend == "onnx" else "truncated or corrupt file"
+    assert expected in captured.err and len(captured.err.strip().splitlines()) == 1
 
 
 def test_audit_log_keeps_days_and_ng_images(tmp_path, monkeypatch):

@@ -45,6 +45,16 @@ def _check_model_dir(model_dir: Path, backend: str) -> None:
             raise ServeError(f"no ONNX export in {model_dir}: create it with `aoi export --run_dir {model_dir}`")
     elif not (model_dir / "weights" / "model.ckpt").is_file():
         raise ServeError(f"no checkpoint in {model_dir} (weights/model.ckpt): is it a trained run directory?")
+    # the files the workers will load, read here first: a damaged or mismatched run is one line before any
+    # server process starts (the onnx check hashes the graph; the torch one maps the checkpoint, no model built)
+    if backend in ("onnx", "openvino"):
+        from aoi_lightning.inference.onnx_backend import read_export
+
+        read_export(model_dir)
+    else:
+        from aoi_lightning.rundir.loading import read_checkpoint, read_run_info
+
+        read_checkpoint(read_run_info(model_dir).run.checkpoint, mmap=True)
 
 
 def _stop_on_signals(server) -> None:

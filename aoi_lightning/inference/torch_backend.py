@@ -35,7 +35,8 @@ class TorchPredictor:
         from aoi_lightning.rundir.loading import load_run_model
 
         module, info = load_run_model(model_dir, device=device, require_thresholds=True)
-        facts = module_facts(module, info.category, module.preprocessing.image_size, info.model_name or None)
+        # the model name is the checkpoint's (config.yaml's class_path may be edited or unknown)
+        facts = module_facts(module, info.category, module.preprocessing.image_size)
         return cls(module.model, facts, info.run.path.name, device, module.preprocessing)
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

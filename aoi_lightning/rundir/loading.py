@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import pickle
 import zipfile
@@ -15,6 +16,8 @@ import yaml
 from aoi_lightning.models.lightning_base import AnomalyModule
 from aoi_lightning.rundir.layout import RunDir
 from aoi_lightning.rundir.thresholds_file import check_thresholds_file as check_thresholds_file_agrees
+
+log = logging.getLogger(__name__)
 
 #: Model classes a checkpoint may name (nothing else is ever imported from a checkpoint).
 _PADIM = "aoi_lightning.models.padim.lightning_model:Padim"
@@ -330,7 +333,16 @@ def load_run_model(
     """
     info = read_run_info(run_dir)
     model = load_checkpoint_model(info.run.checkpoint, device)
-    want = MODEL_CLASSES.get(str((info.config.get("model") or {}).get("class_path", "")))
+    class_path = str((info.config.get("model") or {}).get("class_path", ""))
+    want = MODEL_CLASSES.get(class_path)
+    if want is None:
+        log.warning(
+            "%s names the model class %r, which this package does not know (known: %s); the checkpoint's %s is used",
+            info.run.config,
+            class_path,
+            ", ".join(k for k in MODEL_CLASSES if k.count(".") == 2),
+            type(model).__name__,
+        )
     have = MODEL_CLASSES.get(type(model).__module__ + "." + type(model).__name__)
     if want is not None and have is not None and want != have:
         raise RunError(
