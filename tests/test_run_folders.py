@@ -133,7 +133,9 @@ def test_resume_with_other_settings_is_refused_and_changes_nothing(
     assert (out / "preds.jsonl").read_bytes() == lines and (out / "report.json").read_bytes() == report
 
 
-def test_resume_with_the_same_settings_and_another_backend(patchcore_run: Path, images: Path, tmp_path: Path) -> None:
+def test_resume_with_the_same_settings_and_another_backend(
+    patchcore_run: Path, images: Path, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "out"
     assert run_aoi(_argv(patchcore_run, images, out, "--min_defect_area", "2")) == 0
     first = read_jsonl(out / "preds.jsonl")
@@ -142,6 +144,10 @@ def test_resume_with_the_same_settings_and_another_backend(patchcore_run: Path, 
     argv[argv.index("onnx")] = "torch"
     assert run_aoi(argv) == 0
     assert _names(out) == ["img_0.png", "img_1.png", "img_2.png", "img_3.png"]
+    capsys.readouterr()
+    assert run_aoi(argv) == 0  # nothing left to do: no speed figure for zero images
+    summary = capsys.readouterr().out
+    assert "4 images (" in summary and "images/s" not in summary
 
 
 def test_damaged_middle_line_names_the_file_and_line(patchcore_run: Path, images: Path, tmp_path: Path, capsys):

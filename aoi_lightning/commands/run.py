@@ -124,7 +124,9 @@ def run(
         progress=not no_progress,
         resume=resume,
     )
-    speed = f", {report['images_per_second']:.1f} images/s" if report["num_images"] > 0 else ""
+    speed = (
+        f", {report['images_per_second']:.1f} images/s" if report["num_images"] and report["images_per_second"] else ""
+    )
     print(
         f"aoi run: {report['num_images']} images ({report['num_ok']} OK, {report['num_ng']} NG), "
         f"{report['num_errors']} errors{speed} -> {outputs / PREDS_FILE}, {outputs / REPORT_JSON}"
