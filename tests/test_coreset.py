@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,11 +111,18 @@ def test_kernel_result_does_not_depend_on_the_split(parts: int) -> None:
     points) gives the same selection, ties included."""
     x = torch.cat([torch.randn(5, 4, generator=torch.Generator().manual_seed(1))] * 3)  # ties: every row thrice
     kernel = coreset._kernel()
-    reference = torch.empty(12, dtype=torch.int64).numpy()
-    kernel(x.numpy(), 0, reference, 1)
-    selected = torch.empty(12, dtype=torch.int64).numpy()
-    kernel(x.numpy(), 0, selected, parts if parts < 7 else 40)
-    assert selected.tolist() == reference.tolist()
+
+    def traversal(parts: int, block: int) -> list[int]:
+        nearest = np.full(15, np.inf, np.float32)
+        selected = np.empty(12, np.int64)
+        first = 0
+        for start in range(0, 12, block):
+            first = kernel(x.numpy(), nearest, selected, start, min(start + block, 12), first, parts)
+        return selected.tolist()
+
+    reference = traversal(1, 12)
+    selected = traversal(parts if parts < 7 else 40, 5)  # and in blocks of steps, as the progress bar does
+    assert selected == reference
     assert sorted(i % 5 for i in reference[:5]) == [0, 1, 2, 3, 4]
 
 

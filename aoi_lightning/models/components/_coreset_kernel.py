@@ -8,22 +8,23 @@ from numba import njit, prange
 
 
 @njit(nogil=True, fastmath=True, boundscheck=False, parallel=True, cache=True)
-def farthest_first(x, first, selected, parts):  # pragma: no cover - compiled
-    """Fill `selected` (k,) with the farthest-first traversal of the rows of x (N, d) float32 from row `first`.
+def farthest_first(x, nearest, selected, start, stop, first, parts):  # pragma: no cover - compiled
+    """Steps `start`..`stop` of the farthest-first traversal of the rows of x (N, d) float32: fills
+    `selected[start:stop]` beginning with row `first`, updates `nearest` (N,) float32 (squared distance to the
+    nearest centre so far, inf at the start; -1 for centres) and returns the next centre.
 
     Each step is one pass over the points, split into `parts` ranges run in parallel: the squared distance to the
     newest centre, the nearest-centre distance updated in place, and the farthest point of the range; the next
-    centre is the farthest of those, the lowest index among equal distances (as `torch.argmax`). Centres get
-    distance -1 and are never picked again.
+    centre is the farthest of those, the lowest index among equal distances (as `torch.argmax`). Calls over
+    consecutive step ranges give the same traversal as one call.
     """
     n, d = x.shape
-    nearest = np.full(n, np.inf, np.float32)
     best_value = np.empty(parts, np.float32)
     best_index = np.empty(parts, np.int64)
     size = (n + parts - 1) // parts
     centre = np.empty(d, np.float32)
     c = first
-    for step in range(selected.shape[0]):
+    for step in range(start, stop):
         selected[step] = c
         nearest[c] = -1.0
         centre[:] = x[c]
@@ -51,3 +52,4 @@ def farthest_first(x, first, selected, parts):  # pragma: no cover - compiled
             if best_value[part] > best_value[top]:
                 top = part
         c = best_index[top]
+    return c

@@ -9,8 +9,11 @@ import numpy as np
 import torch
 
 from aoi_lightning.models.components.jit import PARALLEL_LOCK, import_kernels, parallel_threads
+from aoi_lightning.progress import progress_bar
 
 log = logging.getLogger(__name__)
+#: Centres selected between two progress bar updates.
+PROGRESS_STEPS = 256
 _kernel_state: dict = {"kernel": None, "error": None}
 
 
@@ -60,12 +63,18 @@ def greedy_coreset(features: torch.Tensor, num_samples: int, projection_dim: int
     gen = torch.Generator(device="cpu").manual_seed(seed)
     first = int(torch.randint(n, (1,), generator=gen))
     kernel = _kernel() if x.device.type == "cpu" else None
-    if kernel is not None:
+    with progress_bar(num_samples, "coreset", unit="centre") as bar:
+        if kernel is None:
+            return _farthest_first_torch(x, first, num_samples, bar)
+        points = x.contiguous().numpy()
+        nearest = np.full(n, np.inf, np.float32)
         selected = np.empty(num_samples, np.int64)
-        with PARALLEL_LOCK:
-            kernel(x.contiguous().numpy(), first, selected, parallel_threads())
+        for start in range(0, num_samples, PROGRESS_STEPS):
+            stop = min(start + PROGRESS_STEPS, num_samples)
+            with PARALLEL_LOCK:
+                first = kernel(points, nearest, selected, start, stop, first, parallel_threads())
+            bar.update(stop - start)
         return torch.from_numpy(selected)
-    return _farthest_first_torch(x, first, num_samples)
 
 
 def _kernel():
@@ -79,7 +88,7 @@ def _kernel():
     return _kernel_state["kernel"]
 
 
-def _farthest_first_torch(x: torch.Tensor, first: int, num_samples: int) -> torch.Tensor:
+def _farthest_first_torch(x: torch.Tensor, first: int, num_samples: int, bar=None) -> torch.Tensor:
     """Farthest-first traversal of the rows of x (N, d) from row `first`, one matrix-vector product a step."""
     n = x.shape[0]
     sq = (x * x).sum(dim=1)
@@ -96,4 +105,6 @@ def _farthest_first_torch(x: torch.Tensor, first: int, num_samples: int) -> torc
         torch.minimum(min_dist, dist, out=min_dist)
         min_dist[index] = -1.0  # never pick a selected point again
         index = int(torch.argmax(min_dist))
+        if bar is not None and (step + 1) % PROGRESS_STEPS == 0:
+            bar.update(PROGRESS_STEPS)
     return selected
