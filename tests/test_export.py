@@ -283,6 +283,31 @@ def test_commands_exit_codes(trained_run, tmp_path, capsys):
     assert "aoi export" in err and len(err.strip().splitlines()) == 1
 
 
+def test_consistency_counts_an_edited_export_in_its_status_and_log_line(trained_run, tmp_path, capsys, caplog):
+    edited = shutil.copytree(trained_run, tmp_path / "edited")
+    meta_path = edited / "export" / META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["image_threshold"] = meta["thresholds"]["image_threshold"] = 40.0
+    meta["sha256"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    (edited / "thresholds.json").unlink()
+    caplog.set_level("INFO")
+    assert main(["consistency", "--run_dir", str(edited), "--max_images", "2"]) == 1
+    result = json.loads((edited / "export" / "consistency.json").read_text())
+    assert result["status"] == "FAILED"
+    assert any("image_threshold 40.0 differs" in r for r in result["reasons"])
+    assert any("sha256 mismatch" in r for r in result["reasons"])
+    assert "(2 images, FAILED)" in caplog.text and "PASSED" not in caplog.text  # one verdict everywhere
+
+
+def test_consistency_refuses_a_thresholds_json_that_aoi_run_refuses(trained_run, tmp_path, capsys):
+    bad = shutil.copytree(trained_run, tmp_path / "bad")
+    (bad / "thresholds.json").write_text(json.dumps({"image_threshold": -1.0, "pixel_threshold": -1.0}))
+    assert main(["consistency", "--run_dir", str(bad), "--max_images", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "thresholds.json" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("stats_dtype", ["float16", "float32"])
 def test_float16_statistics_stay_float16_in_the_graph(tmp_path, monkeypatch, stats_dtype):
     """PaDiM's float16 whitening panels are stored as float16 initializers (the file no larger than the

@@ -82,6 +82,7 @@ def check_consistency(
     batch_size: int = 8,
     device: str = "cpu",
     total: int | None = None,
+    failed_checks: list[str] | None = None,
 ) -> dict:
     """Compare ONNX Runtime with the torch model image by image.
 
@@ -102,6 +103,8 @@ def check_consistency(
         batch_size: batch size when `images` is one tensor.
         device: `cpu` or `cuda` for ONNX Runtime's execution provider.
         total: number of images, for the progress bar (None: unknown).
+        failed_checks: reasons found before the comparison (a stale or edited export): the status is FAILED
+            with them, in the record and in the log line alike.
 
     Returns:
         The `consistency.json` record: errors, IoU, counts, providers, tolerances, status and reasons.
@@ -164,7 +167,7 @@ def check_consistency(
             raise ConsistencyError("no images to compare: the test set is empty or every image failed to load")
         result = {
             "status": "PASSED",
-            "reasons": [],
+            "reasons": list(failed_checks or []),
             "num_images": n,
             "score_mae": score_abs / n,
             "score_max_abs_error": score_max,
