@@ -90,6 +90,23 @@ def test_aspect_ratio_is_reported_and_fit_pad_suggested_when_it_varies(aoi_cli, 
     assert read_json(tmp_path / "out" / "data_check.json")["aspect_ratio"]["varies"] is True
 
 
+def test_images_in_nested_subfolders_are_named_as_unused(tiny_mvtec_root: Path, tmp_path: Path) -> None:
+    """Training and test read the top level of each folder: images below it are a problem, not silently dropped."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_mvtec_root / "synthetic", root / "synthetic")
+    good = root / "synthetic" / "train" / "good"
+    nested = good / "day2" / "late"
+    nested.mkdir(parents=True)
+    first = sorted(good.glob("*.png"))[0]
+    shutil.copy(first, nested / "extra.png")
+    (good / "empty_dir").mkdir()
+    report, _ = check_category(root, "synthetic")
+    assert report["problems"] == [
+        f"1 image(s) in the subfolder {good / 'day2'} are not used (only the top level of {good})"
+    ]
+    assert report["ignored_files"] == [f"{good / 'day2'}/", f"{good / 'empty_dir'}/"]
+
+
 def test_missing_category_is_a_one_line_error(aoi_cli, tiny_mvtec_root: Path, tmp_path: Path, capsys) -> None:
     code = aoi_cli(["check-data", "--root", tiny_mvtec_root, "--category", "nosuch", "--output_dir", tmp_path])
     err = capsys.readouterr().err

@@ -134,6 +134,13 @@ def check_category(root: str | Path, category: str, mask_suffix: str = "_mask") 
             problems.append(f"missing folder {folder}")
             continue
         ignored += [str(p) for p in sorted(folder.iterdir()) if p.is_file() and not is_image_file(p)]
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):  # training and test read the top level only
+            nested = len(list_images(sub, recursive=True))
+            if nested:
+                problems.append(
+                    f"{nested} image(s) in the subfolder {sub} are not used (only the top level of {folder})"
+                )
+            ignored.append(f"{sub}/")
         groups.append(GroupEntry(split, folder.name, [inspect_image(p) for p in list_images(folder)]))
     gt_root = base / "ground_truth"
     missing, orphans, mismatch, empty, unreadable_masks, multi_level = [], [], [], [], [], []
