@@ -290,3 +290,25 @@ def test_user_mistakes_are_one_line(tiny_onnx_run: Path, tmp_path: Path):
     assert res.stderr.strip().splitlines()[-1] == "aoi watch: error: --settle_seconds must be >= 0, got -1.0"
     assert not (tmp_path / "out").exists()
     assert os.listdir(tmp_path / "in") == []
+
+
+def test_restart_with_other_settings_is_refused_and_keeps_the_results(tiny_onnx_run: Path, tmp_path: Path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    (inp / "ng_1.png").write_bytes(image_png(1, True))
+    first = Watcher(
+        tiny_onnx_run, inp, out, tmp_path / "log1.txt", "--settle_seconds", "0.2", "--max_idle_seconds", "1"
+    )
+    assert first.wait() == 0, first.log.read_text(encoding="utf-8")[-3000:]
+    before = (out / "preds.jsonl").read_bytes()
+    res = subprocess.run(
+        aoi_argv("watch", "--model_dir", tiny_onnx_run, "--input_dir", inp, "--output_dir", out, "--backend", "onnx",
+                 "--min_defect_area", "9", "--max_idle_seconds", "1"),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"aoi watch: error: {out} holds records made with other settings (min_defect_area 0 -> 9): continuing "
+        "there would mix them in one preds.jsonl; use a new --output_dir, or the same settings"
+    )
+    assert (out / "preds.jsonl").read_bytes() == before

@@ -134,8 +134,8 @@ class PredictionOutputs:
         ]
         if changed:
             raise ResumeError(
-                f"--resume: {self.output_dir} holds records made with other settings ({'; '.join(changed)}); "
-                "use a new --output_dir, or the same settings"
+                f"{self.output_dir} holds records made with other settings ({'; '.join(changed)}): continuing there "
+                "would mix them in one preds.jsonl; use a new --output_dir, or the same settings"
             )
 
     def close(self) -> None:
