@@ -142,3 +142,19 @@ def test_kernel_and_torch_agree_on_a_projected_bank(monkeypatch) -> None:
     kernel = greedy_coreset(x, 100, projection_dim=16, seed=3)
     monkeypatch.setattr(coreset, "_kernel", lambda: None)
     assert greedy_coreset(x, 100, projection_dim=16, seed=3).tolist() == kernel.tolist()
+
+
+def test_a_kernel_that_fails_when_called_falls_back_to_pytorch(monkeypatch, caplog) -> None:
+    """numba compiles on the first call: a failure there (e.g. no threading layer) gives the PyTorch loop's
+    selection and a warning, and the kernel is not tried again."""
+    x = torch.randn(300, 6, generator=torch.Generator().manual_seed(3))
+    reference = greedy_coreset(x, 20, projection_dim=0, seed=1)
+
+    def broken(*args):
+        raise ValueError("No threading layer could be loaded.")
+
+    monkeypatch.setattr(coreset, "_kernel_state", {"kernel": broken, "error": None})
+    caplog.set_level("WARNING")
+    assert greedy_coreset(x, 20, projection_dim=0, seed=1).tolist() == reference.tolist()
+    assert "coreset kernel failed, using PyTorch" in caplog.text
+    assert coreset._kernel() is None

@@ -47,13 +47,15 @@ def test_model_onnx_of_another_run_is_refused(copied, padim_run, tiny_mvtec_root
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("what", ["thresholds", "resize", "run_id"])
+@pytest.mark.parametrize("what", ["thresholds", "nested_thresholds", "resize", "run_id"])
 def test_edited_export_meta_is_refused(copied, tiny_mvtec_root, tmp_path, capsys, backend, what) -> None:
     (copied / "thresholds.json").unlink()  # the export/-only deployment: nothing else to compare with
 
     def edit(meta: dict) -> None:
         if what == "thresholds":
             meta["image_threshold"] = meta["thresholds"]["image_threshold"] = 1e6
+        elif what == "nested_thresholds":  # the values read_export uses, alone
+            meta["thresholds"]["image_threshold"] = 1e6
         elif what == "resize":
             meta["preprocessing"]["resize"] = "fit_pad"
         else:
@@ -61,7 +63,8 @@ def test_edited_export_meta_is_refused(copied, tiny_mvtec_root, tmp_path, capsys
 
     _edit_meta(copied, edit)
     err = _refused(copied, tiny_mvtec_root / "synthetic" / "test" / "good", tmp_path / "out", backend, capsys)
-    key = {"thresholds": "image_threshold", "resize": "preprocessing", "run_id": "run_id"}[what]
+    key = {"thresholds": "image_threshold", "nested_thresholds": "thresholds", "resize": "preprocessing",
+           "run_id": "run_id"}[what]  # fmt: skip
     assert f"says {key}" in err and "was edited after the export" in err
 
 

@@ -40,6 +40,8 @@ def test_linked_folders_are_followed_once_and_loops_end(images: Path, tmp_path: 
     shutil.copy(images / "img_0.png", root / "top.png")
     (root / "sub" / "linked").symlink_to(images, target_is_directory=True)
     (root / "sub" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "sub" / "up").symlink_to(tmp_path, target_is_directory=True)  # above the input: not walked
+    shutil.copy(images / "img_0.png", tmp_path / "sibling.png")
     found = [p.relative_to(root).as_posix() for p in list_images(root, recursive=True)]
     assert found == ["sub/linked/img_0.png", "sub/linked/img_1.png", "sub/linked/img_2.png", "sub/linked/img_3.png",
                      "top.png"]  # fmt: skip
@@ -107,7 +109,7 @@ def test_settings_json_records_what_made_the_records(patchcore_run: Path, images
         (["--pixel_threshold_mult", "0.5"], "pixel_threshold_mult 1.0 -> 0.5"),
         (["--min_defect_area", "7"], "min_defect_area 0 -> 7"),
         (["--no_save_overlays"], "save_overlays True -> False"),
-        ("other_model", "run_id"),
+        ("other_model", "model 'patchcore' -> 'padim'"),
         ("other_input", "input_dir"),
     ],
 )

@@ -28,10 +28,14 @@ log = logging.getLogger(__name__)
 def _stale_thresholds(meta: dict, model) -> list[str]:
     """Thresholds in export_meta.json that differ from the checkpoint's (an export of another fit)."""
     out = []
+    nested = meta.get("thresholds") if isinstance(meta.get("thresholds"), dict) else {}
     for key in ("image_threshold", "pixel_threshold"):
-        want, got = float(getattr(model, key)), meta.get(key)
-        if math.isfinite(want) and (got is None or not math.isclose(float(got), want, rel_tol=1e-5, abs_tol=1e-7)):
-            out.append(f"export_meta.json {key} {got} differs from the checkpoint's {want:.8g}: re-run `aoi export`")
+        want = float(getattr(model, key))
+        for where, got in ((key, meta.get(key)), (f"thresholds.{key}", nested.get(key))):
+            if math.isfinite(want) and (got is None or not math.isclose(float(got), want, rel_tol=1e-5, abs_tol=1e-7)):
+                out.append(
+                    f"export_meta.json {where} {got} differs from the checkpoint's {want:.8g}: re-run `aoi export`"
+                )
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Literal
@@ -27,6 +28,14 @@ def collect_images(input_dir: Path, output_dir: Path, recursive: bool) -> list[P
     `output_dir` (earlier results)."""
     out = output_dir.resolve()
     return [p for p in list_images(input_dir, recursive) if not p.resolve().is_relative_to(out)]
+
+
+def _same_folder_above(folder: Path, start: Path) -> bool:
+    """Whether `folder` exists and is `start` or one of its parents as the file system sees it (case-insensitive
+    disks, bind mounts), not only by name."""
+    if not folder.is_dir():
+        return False
+    return any(os.path.samefile(folder, above) for above in (start, *start.parents))
 
 
 def no_images_message(input_dir: Path, output_dir: Path, recursive: bool) -> str:
@@ -103,7 +112,7 @@ def run(
     except ValueError as exc:
         raise RunnerError(f"--{exc}") from exc
     input_root = inputs.resolve()
-    if input_root.is_relative_to(outputs.resolve()):
+    if input_root.is_relative_to(outputs.resolve()) or _same_folder_above(outputs, input_root):
         raise RunnerError(
             f"--output_dir {outputs} is --input_dir or holds it: its images would be left out as earlier results; "
             "choose another --output_dir (a subfolder of --input_dir is fine)"

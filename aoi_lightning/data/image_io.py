@@ -40,8 +40,9 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-#: A folder holding this file is an output folder of `aoi run` / `aoi watch` (earlier results, not inputs).
+#: A folder holding both files is an output folder of `aoi run` / `aoi watch` (earlier results, not inputs).
 RESULTS_MARKER = "preds.jsonl"
+RESULTS_COMPANION = "report.json"
 
 
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
@@ -50,8 +51,9 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     Symbolic links are listed under their own name: a link to a file anywhere is read as that file, and a
     broken link is listed too (it then fails to open with a clear message rather than vanishing). With
     `recursive`, linked folders are descended into like the others, each real folder once (a link loop ends
-    there), and subfolders holding a `preds.jsonl` (results of an earlier `aoi run` or `aoi watch`: their masks
-    and overlays are not parts) are left out, with a log line.
+    there; a link up to a folder above the input is not walked), and subfolders holding a `preds.jsonl` and a
+    `report.json` (results of an earlier `aoi run` or `aoi watch`: their masks and overlays are not parts) are
+    left out, with a log line.
     """
     folder = Path(folder)
 
@@ -61,14 +63,16 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     if not recursive:
         return sorted(p for p in folder.iterdir() if wanted(p)) if folder.is_dir() else []
     found, seen, results = [], set(), []
+    top = os.path.realpath(folder)
     for root, dirs, files in os.walk(folder, followlinks=True):
         here = Path(root)
         real = os.path.realpath(root)
-        if real in seen:
+        # each real folder once; a link up to a folder above the input (a loop through its parent) is not walked
+        if real in seen or (here != folder and top.startswith(real.rstrip(os.sep) + os.sep)):
             dirs[:] = []
             continue
         seen.add(real)
-        if here != folder and RESULTS_MARKER in files:
+        if here != folder and RESULTS_MARKER in files and RESULTS_COMPANION in files:
             results.append(here)
             dirs[:] = []
             continue
@@ -76,7 +80,13 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
         found += [here / name for name in files if wanted(here / name)]
     if results:
         shown = ", ".join(str(p) for p in results[:3]) + (f" and {len(results) - 3} more" if len(results) > 3 else "")
-        log.info("left out %d folder(s) of earlier results (they hold %s): %s", len(results), RESULTS_MARKER, shown)
+        log.info(
+            "left out %d folder(s) of earlier results (they hold %s and %s): %s",
+            len(results),
+            RESULTS_MARKER,
+            RESULTS_COMPANION,
+            shown,
+        )
     return sorted(found)
 
 

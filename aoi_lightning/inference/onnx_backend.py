@@ -22,7 +22,15 @@ ONNX_FILE = "model.onnx"
 META_FILE = "export_meta.json"
 THRESHOLDS_FILE = "thresholds.json"
 #: export_meta.json keys that `aoi export` also writes into the graph's metadata, compared at load.
-GRAPH_CHECKED_KEYS = ("model", "run_id", "image_size", "preprocessing", "image_threshold", "pixel_threshold")
+GRAPH_CHECKED_KEYS = (
+    "model",
+    "run_id",
+    "image_size",
+    "preprocessing",
+    "image_threshold",
+    "pixel_threshold",
+    "thresholds",  # the values `read_export` uses
+)
 
 
 class OnnxRunError(ValueError):
@@ -80,11 +88,7 @@ class ExportedModel:
             except ValueError:
                 in_graph = text
             in_meta = self.meta[key]
-            if isinstance(in_graph, (int, float)) and isinstance(in_meta, (int, float)):
-                same = math.isclose(float(in_graph), float(in_meta), rel_tol=1e-9, abs_tol=0.0)
-            else:
-                same = in_graph == in_meta or (isinstance(in_graph, str) and in_graph == str(in_meta))
-            if not same:
+            if not (_same_value(in_graph, in_meta) or (isinstance(in_graph, str) and in_graph == str(in_meta))):
                 raise OnnxRunError(
                     f"{self.meta_path} says {key} {in_meta!r}, but {self.onnx_path} was exported with {in_graph!r}: "
                     f"the file was edited after the export; re-export with `aoi export --run_dir RUN`"
@@ -97,6 +101,19 @@ class ExportedModel:
             raise OnnxRunError(
                 f"{self.onnx_path} takes input {list(shape)}, but {self.meta_path} says image_size {size}"
             )
+
+
+def _same_value(a, b) -> bool:
+    """Equal JSON values, numbers to float rounding (at any depth of dicts and lists)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0) or a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def read_export(model_dir: str | Path) -> ExportedModel:

@@ -35,14 +35,19 @@ REPORT_JSON = "report.json"
 SETTINGS_FILE = "settings.json"
 
 
+#: Recorded in settings.json but not compared on resume: the torch back end names the run by its folder, the ONNX
+#: back ends by the name it had at export time, so a copied or renamed run would refuse a change of back end.
+NOT_COMPARED = ("run_id",)
+
+
 class ResumeError(ValueError):
     """`--resume` into an output folder whose records were made with other settings; the message is one line."""
 
 
 def output_settings(facts: ModelFacts, options: OutputOptions, run_id: str, input_dir: str | Path | None) -> dict:
-    """Everything that decides the records of an output folder: the model (run id, thresholds, input size, resize
-    mode), the input folder and the output options. Written to `settings.json`; the back end and device are not
-    part of it (they give the same records to float rounding)."""
+    """Everything that decides the records of an output folder: the model (name, category, thresholds, input
+    size, resize mode; the run id for information), the input folder and the output options. Written to
+    `settings.json`; the back end and device are not part of it (they give the same records to float rounding)."""
     return {
         "model": facts.model,
         "category": facts.category,
@@ -130,7 +135,9 @@ class PredictionOutputs:
             raise ResumeError(f"--resume: cannot read {path} ({exc}); use a new --output_dir") from None
         earlier = earlier if isinstance(earlier, dict) else {}
         changed = [
-            f"{key} {earlier.get(key)!r} -> {value!r}" for key, value in settings.items() if earlier.get(key) != value
+            f"{key} {earlier.get(key)!r} -> {value!r}"
+            for key, value in settings.items()
+            if key not in NOT_COMPARED and earlier.get(key) != value
         ]
         if changed:
             raise ResumeError(

@@ -81,8 +81,10 @@ def read_checkpoint(ckpt_path: str | Path, mmap: bool = False) -> dict:
     except pickle.UnpicklingError as exc:
         with open(ckpt_path, "rb") as handle:
             head = handle.read(2)
-        is_pickle = len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # a pickle's PROTO opcode
-        if not is_pickle and "global" not in str(exc).lower():  # damaged bytes, not a forbidden class or function
+        # an intact container (a torch.save zip, or a pickle's PROTO opcode) that the weights-only unpickler
+        # refuses holds something else than tensors; other bytes are damaged
+        intact = zipfile.is_zipfile(ckpt_path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+        if not intact and "global" not in str(exc).lower():
             raise RunError(f"cannot read {ckpt_path}: truncated or corrupt file (not a readable checkpoint)") from exc
         raise RunError(
             f"refusing to load {ckpt_path}: it holds pickled Python objects beyond plain tensors and containers "

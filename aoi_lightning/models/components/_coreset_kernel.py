@@ -1,5 +1,5 @@
-"""numba kernel of `coreset.greedy_coreset` (imported on first use only: importing this module compiles it, or
-loads it from numba's on-disk cache)."""
+"""numba kernel of `coreset.greedy_coreset` (imported on first use only; compiled on its first call, or loaded
+from numba's on-disk cache)."""
 
 from __future__ import annotations
 

@@ -69,11 +69,18 @@ def greedy_coreset(features: torch.Tensor, num_samples: int, projection_dim: int
         points = x.contiguous().numpy()
         nearest = np.full(n, np.inf, np.float32)
         selected = np.empty(num_samples, np.int64)
-        for start in range(0, num_samples, PROGRESS_STEPS):
-            stop = min(start + PROGRESS_STEPS, num_samples)
-            with PARALLEL_LOCK:
-                first = kernel(points, nearest, selected, start, stop, first, parallel_threads())
-            bar.update(stop - start)
+        centre = first
+        try:
+            for start in range(0, num_samples, PROGRESS_STEPS):
+                stop = min(start + PROGRESS_STEPS, num_samples)
+                with PARALLEL_LOCK:  # the first call compiles (or loads numba's cache); errors show here
+                    centre = kernel(points, nearest, selected, start, stop, centre, parallel_threads())
+                bar.update(stop - start)
+        except Exception as exc:  # noqa: BLE001 - a failed compile or threading layer: the PyTorch loop, for good
+            _kernel_state["kernel"], _kernel_state["error"] = None, f"{type(exc).__name__}: {exc}"
+            log.warning("coreset kernel failed, using PyTorch (%s)", _kernel_state["error"])
+            bar.reset()
+            return _farthest_first_torch(x, first, num_samples, bar)
         return torch.from_numpy(selected)
 
 
@@ -105,6 +112,6 @@ def _farthest_first_torch(x: torch.Tensor, first: int, num_samples: int, bar=Non
         torch.minimum(min_dist, dist, out=min_dist)
         min_dist[index] = -1.0  # never pick a selected point again
         index = int(torch.argmax(min_dist))
-        if bar is not None and (step + 1) % PROGRESS_STEPS == 0:
-            bar.update(PROGRESS_STEPS)
+        if bar is not None and ((step + 1) % PROGRESS_STEPS == 0 or step + 1 == num_samples):
+            bar.update((step % PROGRESS_STEPS) + 1)
     return selected

@@ -1,4 +1,5 @@
-"""Importing the package's numba kernel modules: compiled on first import, then loaded from numba's disk cache."""
+"""Importing the package's numba kernel modules (their kernels compile on first use, then load from numba's disk
+cache), and the lock and thread count their parallel calls share."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ FALLBACK_CACHE_DIR = os.path.join(tempfile.gettempdir(), "aoi-numba-cache")
 
 
 def import_kernels(module: str) -> ModuleType:
-    """Import `module` (e.g. `aoi_lightning.models.components._coreset_kernel`), which compiles its kernels or
-    loads them from numba's cache.
+    """Import `module` (e.g. `aoi_lightning.models.components._coreset_kernel`); its kernels compile on first use
+    or load from numba's cache.
 
     numba caches next to the source or in the user's cache folder; where neither is writable (a read-only
     install and home), the cache goes to `FALLBACK_CACHE_DIR` instead of failing.
