@@ -77,6 +77,15 @@ def test_run_missing_folders_exit_2(aoi_cli, patchcore_run: Path, inputs: Path, 
     assert aoi_cli(["run", "--model_dir", patchcore_run, "--input_dir", tmp_path / "nope", "--output_dir", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("aoi run: error: --input_dir") and "Traceback" not in "".join(err)
+    config = patchcore_run / "config.yaml"
+    assert aoi_cli(["run", "--model_dir", config, "--input_dir", inputs, "--output_dir", out]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"aoi run: error: --model_dir: {config} is a file; give the run directory that holds it"
+    )
+    argv = ["run", "--model_dir", patchcore_run, "--input_dir", inputs, "--output_dir", out]
+    assert aoi_cli([*argv, "--pixel_threshold_mult", "nan"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--pixel_threshold_mult: expected a finite number, got nan")
+    assert not out.exists()
 
 
 def _predict_argv(run: Path, *extra) -> list:

@@ -163,6 +163,8 @@ def _expected(body: str) -> str | None:
         if kind.startswith("one of "):
             close = difflib.get_close_matches(value, _split_top(kind[len("one of ") :]), n=1)
             return f"expected {kind}, got {value}" + (f"; did you mean {close[0]}?" if close else "")
+        if kind == "float" and value.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            return f"expected a finite number, got {value}"
         return f"expected {kind}, got {value}"
     return None
 

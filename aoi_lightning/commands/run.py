@@ -96,7 +96,10 @@ def run(
     outputs = Path(output_dir).expanduser()
     if not inputs.is_dir():
         raise RunnerError(f"--input_dir: folder not found: {inputs}")
-    if not Path(model_dir).expanduser().is_dir():
+    model_path = Path(model_dir).expanduser()
+    if model_path.is_file():
+        raise RunnerError(f"--model_dir: {model_dir} is a file; give the run directory that holds it")
+    if not model_path.is_dir():
         raise RunnerError(f"--model_dir: run directory not found: {model_dir}")
     if batch_size < 1:
         raise RunnerError(f"--batch_size must be >= 1, got {batch_size}")
