@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from aoi_lightning.commands.check_data import LABEL_WIDTH
-from aoi_lightning.data.check import check_category
+from aoi_lightning.data.check import aspect_ratios, check_category, summary_lines
 from aoi_lightning.data.synthetic import DEFECT_TYPES
 from aoi_lightning.fileio import read_json
 
@@ -112,3 +112,14 @@ def test_missing_category_is_a_one_line_error(aoi_cli, tiny_mvtec_root: Path, tm
     err = capsys.readouterr().err
     assert code == 2 and "aoi check-data: error:" in err and "available: synthetic" in err
     assert not (tmp_path / "preview.png").exists()
+
+
+def test_aspect_ratio_of_very_tall_images_keeps_its_digits() -> None:
+    """A 5 x 3000 image is 0.00167 wide per height unit: not rounded away to 0.00."""
+    ratio = aspect_ratios([(3000, 5), (100, 100), (5, 3000)])
+    assert ratio == {"min": 0.001667, "median": 1.0, "max": 600.0, "varies": True}
+    report = {"root": "r", "category": "c", "num_images": 3, "counts": {}, "image_sizes": {}, "image_modes": {},
+              "aspect_ratio": ratio, "masks": {}, "missing_masks": [], "orphan_masks": [], "unreadable": [],
+              "ignored_files": [], "problems": [], "num_problems": 0, "mask_size_mismatch": [], "empty_masks": [],
+              "multi_level_masks": []}  # fmt: skip
+    assert any("varies: 0.00167 to 600.00, median 1.00" in line for line in summary_lines(report))

@@ -231,11 +231,16 @@ def aspect_ratios(sizes: list[tuple[int, int]]) -> dict | None:
         return None
     low, high = ratios[0], ratios[-1]
     return {
-        "min": round(low, 4),
-        "median": round(float(np.median(ratios)), 4),
-        "max": round(high, 4),
+        "min": float(f"{low:.4g}"),
+        "median": float(f"{float(np.median(ratios)):.4g}"),
+        "max": float(f"{high:.4g}"),
         "varies": high > ASPECT_SPREAD * low,
     }
+
+
+def _ratio(value: float) -> str:
+    """Two decimals, or three significant digits for a very tall image (5 x 3000 is 0.00167, not 0.00)."""
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.3g}"
 
 
 def _listed(levels: dict) -> str:
@@ -263,11 +268,11 @@ def summary_lines(report: dict) -> list[str]:
     ratio = report.get("aspect_ratio")
     if ratio and ratio["varies"]:
         lines.append(
-            f"  aspect ratio (width / height) varies: {ratio['min']:.2f} to {ratio['max']:.2f}, median "
-            f"{ratio['median']:.2f}; `--data.resize fit_pad` keeps each image's proportions (docs/choosing.md)"
+            f"  aspect ratio (width / height) varies: {_ratio(ratio['min'])} to {_ratio(ratio['max'])}, median "
+            f"{_ratio(ratio['median'])}; `--data.resize fit_pad` keeps each image's proportions (docs/choosing.md)"
         )
     elif ratio:
-        lines.append(f"  aspect ratio (width / height): {ratio['median']:.2f}")
+        lines.append(f"  aspect ratio (width / height): {_ratio(ratio['median'])}")
     lines.append(
         f"  masks: {sum(report['masks'].values())} found, {len(report['missing_masks'])} missing, "
         f"{len(report['orphan_masks'])} orphan, {len(report['multi_level_masks'])} not two-level; "
