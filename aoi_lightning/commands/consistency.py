@@ -18,7 +18,7 @@ from aoi_lightning.export.consistency import (
     summary_line,
 )
 from aoi_lightning.export.onnx_export import CONSISTENCY_FILE, MODEL_FILE, onnx_input_size, read_export_meta
-from aoi_lightning.fileio import sha256_of, write_json
+from aoi_lightning.fileio import write_json
 from aoi_lightning.inference.onnx_backend import export_preprocessing
 from aoi_lightning.rundir.meta import utc_now
 
@@ -79,7 +79,7 @@ def consistency_run(
     batch_size: int = 8,
 ) -> dict:
     """Check the export of `run_dir` and write `export/consistency.json`; returns the record."""
-    from aoi_lightning.rundir.loading import check_thresholds_file, load_run_model, read_run_info
+    from aoi_lightning.rundir.loading import check_module_thresholds, load_run_model, read_run_info
 
     info = read_run_info(run_dir)
     onnx_path = info.run.export / MODEL_FILE
@@ -108,11 +108,8 @@ def consistency_run(
             f"{trained[0]}x{trained[1]}: re-export with `aoi export --run_dir {info.run.path}`"
         )
     if module.model.has_thresholds:  # a thresholds.json that `aoi run` would refuse is refused here too
-        keys = ("image_threshold", "pixel_threshold")
-        check_thresholds_file({k: float(getattr(module.model, k)) for k in keys}, info.run)
+        check_module_thresholds(module, info.run)
     failed = _stale_thresholds(meta, module.model) + _stale_preprocessing(meta, module)
-    if meta.get("sha256") and meta["sha256"] != sha256_of(onnx_path):
-        failed.append("model.onnx differs from the file export_meta.json describes (sha256 mismatch)")
     available = run_test_image_paths(info.config.get("data") or {})
     paths, sample = spread_over_defect_types(available, max_images)
     images = image_batches(paths, module.preprocessing, batch_size)
@@ -128,6 +125,7 @@ def consistency_run(
         device=device,
         total=len(paths),
         failed_checks=failed,
+        expected_sha256=meta.get("sha256"),
     )
     result.update(
         {

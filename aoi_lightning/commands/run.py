@@ -115,7 +115,7 @@ def run(
     except ValueError as exc:
         raise RunnerError(f"--{exc}") from exc
     input_root = inputs.resolve()
-    if input_root.is_relative_to(outputs.resolve()) or _same_folder_above(outputs, input_root):
+    if _same_folder_above(outputs, input_root):
         raise RunnerError(
             f"--output_dir {outputs} is --input_dir or holds it: its images would be left out as earlier results; "
             "choose another --output_dir (a subfolder of --input_dir is fine)"

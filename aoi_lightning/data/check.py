@@ -133,8 +133,9 @@ def check_category(root: str | Path, category: str, mask_suffix: str = "_mask") 
         if not folder.is_dir():
             problems.append(f"missing folder {folder}")
             continue
-        ignored += [str(p) for p in sorted(folder.iterdir()) if p.is_file() and not is_image_file(p)]
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):  # training and test read the top level only
+        entries = sorted(folder.iterdir())
+        ignored += [str(p) for p in entries if p.is_file() and not is_image_file(p)]
+        for sub in (p for p in entries if p.is_dir()):  # training and test read the top level only
             nested = len(list_images(sub, recursive=True))
             if nested:
                 problems.append(

@@ -83,6 +83,7 @@ def check_consistency(
     device: str = "cpu",
     total: int | None = None,
     failed_checks: list[str] | None = None,
+    expected_sha256: str | None = None,
 ) -> dict:
     """Compare ONNX Runtime with the torch model image by image.
 
@@ -105,6 +106,7 @@ def check_consistency(
         total: number of images, for the progress bar (None: unknown).
         failed_checks: reasons found before the comparison (a stale or edited export): the status is FAILED
             with them, in the record and in the log line alike.
+        expected_sha256: the sha256 export_meta.json records for `onnx_path`; another file is a FAILED reason.
 
     Returns:
         The `consistency.json` record: errors, IoU, counts, providers, tolerances, status and reasons.
@@ -189,6 +191,8 @@ def check_consistency(
         if note:
             result["note"] = note
         reasons = result["reasons"]
+        if expected_sha256 and expected_sha256 != result["onnx_sha256"]:
+            reasons.append("model.onnx differs from the file export_meta.json describes (sha256 mismatch)")
         # written as `not (x <= tol)` so that NaN fails
         if not result["score_mae"] <= score_mae:
             reasons.append(f"score MAE {result['score_mae']:.3g} > {score_mae:g}")

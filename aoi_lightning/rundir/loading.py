@@ -367,6 +367,11 @@ def load_run_model(
             "(e.g. `aoi fit --config experiments/patchcore_mvtec.yaml`), which writes thresholds.json"
         )
     if require_thresholds:
-        keys = ("image_threshold", "pixel_threshold")
-        check_thresholds_file({k: float(getattr(model.model, k)) for k in keys}, info.run)
+        check_module_thresholds(model, info.run)
     return model, info
+
+
+def check_module_thresholds(module: AnomalyModule, run: RunDir) -> None:
+    """The run's thresholds.json must agree with the threshold buffers of its loaded model (`check_thresholds_file`)."""
+    keys = ("image_threshold", "pixel_threshold")
+    check_thresholds_file({k: float(getattr(module.model, k)) for k in keys}, run)
