@@ -1,4 +1,7 @@
-"""Keep freed memory in the process for reuse instead of handing it back to the system at once (glibc only).
+"""Memory settings of an `aoi` process: freed memory kept for reuse, and the start-up objects kept out of the
+garbage collector's way.
+
+**Freed memory kept in the process** (glibc only), instead of being handed back to the system at once.
 
 Torch on CPU allocates every activation with `posix_memalign`. glibc serves blocks above its mmap threshold
 (at most 32 MB) with a fresh `mmap` and unmaps them on free, so each batch's large activations are zero-filled
@@ -17,14 +20,25 @@ nothing changes.
 
 Source: glibc manual, "Malloc Tunable Parameters" (`mallopt`); PyTorch Performance Tuning Guide, "Use
 OpenMP / switch memory allocator".
+
+**Start-up objects frozen.** Importing torch, Lightning and their dependencies creates about 500,000 objects that
+live as long as the process. Python's cyclic garbage collector walks all of them in every full collection, and
+once more at exit: about 1.5 s of the exit of `aoi fit` and 2 s of collections during it on this 2-core machine.
+`frozen_after_startup` turns the collector off while the command imports and loads its model, then moves
+everything alive to the collector's permanent generation (`gc.freeze`) and turns it back on, so later collections
+and the one at exit skip those objects (exit 1.5 s -> 0.25 s). Forked processes (DataLoader workers) also keep
+those memory pages shared. Source: Python documentation, `gc.freeze`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import gc
 import os
 import platform
+from collections.abc import Iterator
 
 #: `mallopt` parameter numbers from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -60,3 +74,31 @@ def keep_freed_memory() -> bool:
     # mallopt returns 1 on success, 0 on error
     _applied = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
     return _applied
+
+
+_freeze_enabled = False
+
+
+def enable_startup_freeze() -> None:
+    """Let `frozen_after_startup` freeze in this process. Called by the `aoi` console script and by each serve
+    worker: processes of their own, whose start-up objects live until they exit. Library use (tests, notebooks,
+    `cli.main` called in-process) leaves it off, since a freeze there would also keep the caller's garbage for good."""
+    global _freeze_enabled
+    _freeze_enabled = True
+
+
+@contextlib.contextmanager
+def frozen_after_startup() -> Iterator[None]:
+    """No cyclic garbage collection inside the block (imports, model loading); at its end, even on an error,
+    every object alive is moved to the collector's permanent generation (`gc.freeze`) and the collector is turned
+    on again. Nesting and repeating are safe: each block freezes what exists when it ends. Does nothing unless
+    `enable_startup_freeze` was called in this process."""
+    if not _freeze_enabled:
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()

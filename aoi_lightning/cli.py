@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import NamedTuple
 
-from aoi_lightning.allocator import keep_freed_memory
+from aoi_lightning.allocator import enable_startup_freeze, frozen_after_startup, keep_freed_memory
 
 
 class Command(NamedTuple):
@@ -125,7 +125,8 @@ def run_command(name: str, argv: list[str], debug: bool = False) -> int:
     from aoi_lightning.commands.parsing import parse_command
 
     entry = EXTRA_COMMANDS[name]
-    function = getattr(importlib.import_module(entry.module), entry.function)
+    with frozen_after_startup():
+        function = getattr(importlib.import_module(entry.module), entry.function)
     drop_library_handlers()
     return int(function(**parse_command(name, function, argv, debug=debug)) or 0)
 
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in EXTRA_COMMANDS:
             return run_command(command, argv[1:], debug)
-        from aoi_lightning.commands.lightning import AoiCLI
+        with frozen_after_startup():
+            from aoi_lightning.commands.lightning import AoiCLI
 
         drop_library_handlers()
         AoiCLI(args=argv, debug=debug)
@@ -242,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console() -> None:  # pragma: no cover - thin wrapper
+    enable_startup_freeze()  # a process of its own: its start-up objects live until it exits
     sys.exit(main())
 
 

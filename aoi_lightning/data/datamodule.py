@@ -75,7 +75,12 @@ class MVTecDataModule(pl.LightningDataModule):
         seed: seed of the splits.
         train_batch_size: batch size of the fit pass.
         eval_batch_size: batch size of validation, test and predict.
-        num_workers: DataLoader worker processes (image decoding).
+        num_workers: DataLoader worker processes (0: batches are made in this process). Workers are forked
+            copies of it: every memory page the model then writes is copied once per worker, which made a PaDiM
+            fit on transistor slower (29.4 s with 2 workers against 25.3 s with none and 2 decoding threads;
+            docs/performance.md). Worth trying where decoding dominates (very large images, many cores).
+        decode_threads: threads that decode and resize the images of a batch, and the next batch ahead while the
+            model runs (`AnomalyDataset`); 0 decodes one image after the other.
         predict_dir: folder of images for `aoi predict` (default: the test set).
     """
 
@@ -92,12 +97,16 @@ class MVTecDataModule(pl.LightningDataModule):
         seed: int = 0,
         train_batch_size: int = 32,
         eval_batch_size: int = 32,
-        num_workers: int = 2,
+        num_workers: int = 0,
+        decode_threads: int = 2,
         predict_dir: str | None = None,
     ) -> None:
         super().__init__()
         if val_split not in SPLIT_POLICIES:
             raise DataError(f"data.val_split: {val_split!r} is not one of {', '.join(SPLIT_POLICIES)}")
+        for key, value in (("num_workers", num_workers), ("decode_threads", decode_threads)):
+            if int(value) < 0:
+                raise DataError(f"data.{key} must be >= 0, got {value}")
         if resize not in RESIZE_MODES:
             raise DataError(f"data.resize {resize!r} is not supported (supported: {', '.join(RESIZE_MODES)})")
         self.root = root
@@ -112,6 +121,7 @@ class MVTecDataModule(pl.LightningDataModule):
         self.train_batch_size = train_batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        self.decode_threads = decode_threads
         self.predict_dir = predict_dir
         #: predict items also carry the decoded original image (set by a prediction writer that draws overlays)
         self.keep_originals = False
@@ -148,7 +158,7 @@ class MVTecDataModule(pl.LightningDataModule):
     ) -> DataLoader:
         """A loader in data order; under DDP (`shard`) each rank reads its own contiguous, unpadded shard. With
         `keep_originals` the batches also hold the decoded originals (a list, `batches.ORIGINAL_KEY`)."""
-        dataset = AnomalyDataset(samples, self.preprocessing, keep_original=keep_originals)
+        dataset = AnomalyDataset(samples, self.preprocessing, keep_originals, self.decode_threads)
         sampler = None
         trainer = self.trainer
         if shard and trainer is not None and trainer.world_size > 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,6 +158,9 @@ class AnomalyDataset(Dataset):
         preprocessing: what the model expects (`Preprocessing`), or just its input size (one side, or [h, w]).
         keep_original: items also carry `original_rgb`, the decoded (h', w', 3) uint8 RGB image (None when
             unreadable; collate with `batches.collate_keeping_originals`), e.g. for overlays.
+        decode_threads: threads that decode a batch (`__getitems__`, which a DataLoader calls once per batch);
+            0 decodes one image after the other. With threads, the next batch of the same size is started before
+            a batch is returned (loaders read in data order), so its decoding overlaps the model's work.
 
     Item keys: image (3, H, W) float in [0, 1] (`Preprocessing.load`), mask (1, H, W) uint8, has_mask, label,
     defect_type, split, image_path, original_size (2,) [h, w], content_box (4,) [top, left, height, width] of
@@ -168,11 +172,43 @@ class AnomalyDataset(Dataset):
         samples: list[Sample],
         preprocessing: Preprocessing | int | tuple[int, int],
         keep_original: bool = False,
+        decode_threads: int = 0,
     ) -> None:
+        if decode_threads < 0:
+            raise DataError(f"data.decode_threads must be >= 0, got {decode_threads}")
         self.samples = samples
         self.preprocessing = as_preprocessing(preprocessing)
         self.image_size = self.preprocessing.image_size
         self.keep_original = keep_original
+        self.decode_threads = int(decode_threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: tuple[tuple[int, ...], list[Future]] | None = None  # the batch decoded in advance
+
+    def __getstate__(self) -> dict:  # worker processes (num_workers > 0) make their own threads
+        state = dict(self.__dict__)
+        state["_pool"] = state["_ahead"] = None
+        return state
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """The items of one batch, decoded on `decode_threads` threads; starts decoding the next batch."""
+        indices = [int(i) for i in indices]
+        if self.decode_threads == 0 or len(indices) == 0:
+            return [self[i] for i in indices]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="aoi-decode")
+        key = tuple(indices)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == key:
+            futures = ahead[1]
+        else:
+            if ahead is not None:  # another order than foreseen (e.g. a new pass): drop what is not started
+                for future in ahead[1]:
+                    future.cancel()
+            futures = [self._pool.submit(self.__getitem__, i) for i in indices]
+        following = tuple(range(indices[-1] + 1, min(indices[-1] + 1 + len(indices), len(self))))
+        if following and key == tuple(range(indices[0], indices[-1] + 1)):
+            self._ahead = (following, [self._pool.submit(self.__getitem__, i) for i in following])
+        return [future.result() for future in futures]
 
     def __len__(self) -> int:
         return len(self.samples)

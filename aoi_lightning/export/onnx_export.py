@@ -119,9 +119,11 @@ def store_exact_float16(proto: onnx.ModelProto, min_bytes: int | None = None) ->
         """(float32 values, float16 values) of a large float32 tensor that float16 holds exactly, else None."""
         if tensor.data_type != TensorProto.FLOAT or len(tensor.raw_data) < min_bytes:
             return None
-        values = numpy_helper.to_array(tensor)
-        half = values.astype(np.float16)
-        return (values, half) if np.array_equal(half.astype(np.float32), values) else None
+        with warnings.catch_warnings():  # a read-only view of the protobuf's bytes, never written to
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            values = torch.from_numpy(numpy_helper.to_array(tensor))
+        half = values.to(torch.float16)  # torch converts with vector instructions, numpy one value at a time
+        return (values.numpy(), half.numpy()) if torch.equal(half.to(torch.float32), values) else None
 
     def widen(name: str) -> onnx.NodeProto:
         return helper.make_node("Cast", [f"{name}_float16"], [name], to=TensorProto.FLOAT, name=f"{name}_widen")

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
+from aoi_lightning.allocator import frozen_after_startup
 from aoi_lightning.data.preprocess import LoadedImage, Preprocessing, as_preprocessing
 from aoi_lightning.fileio import read_jsonl
 from aoi_lightning.postprocess.outputs import (
@@ -190,7 +191,14 @@ BACKENDS = ("torch", "onnx", "openvino")
 
 def load_predictor(backend: str, model_dir: str | Path, device: str = "auto") -> Predictor:
     """The model of a run directory behind `backend`: `torch` (weights/model.ckpt), `onnx` (export/model.onnx in
-    ONNX Runtime) or `openvino` (export/model.onnx in the OpenVINO runtime); the last two never import torch."""
+    ONNX Runtime) or `openvino` (export/model.onnx in the OpenVINO runtime); the last two never import torch.
+    The runtime's imports and the loaded model are kept out of later garbage collections
+    (`allocator.frozen_after_startup`)."""
+    with frozen_after_startup():
+        return _load_predictor(backend, model_dir, device)
+
+
+def _load_predictor(backend: str, model_dir: str | Path, device: str) -> Predictor:
     if backend == "onnx":
         from aoi_lightning.inference.onnx_backend import OnnxPredictor
 

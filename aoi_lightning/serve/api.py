@@ -26,7 +26,7 @@ import cv2
 import litserve as ls
 import numpy as np
 
-from aoi_lightning.allocator import keep_freed_memory
+from aoi_lightning.allocator import enable_startup_freeze, keep_freed_memory
 from aoi_lightning.fileio import dumps, sha256_of, write_json
 from aoi_lightning.inference.folder import LoadedImage, load_image, load_predictor
 from aoi_lightning.postprocess.prediction import OutputOptions, postprocess_prediction
@@ -137,7 +137,8 @@ class InspectionAPI(ls.LitAPI):
     def setup(self, device) -> None:
         with contextlib.suppress(ValueError):  # Ctrl+C reaches the whole group: the main process stops the workers
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        keep_freed_memory()  # a worker started by spawn does not inherit the CLI process's setting
+        keep_freed_memory()  # a worker started by spawn does not inherit the CLI process's settings
+        enable_startup_freeze()  # the worker process's runtime and model are kept out of later collections
         self.predictor = load_predictor(self.backend, self.model_dir, self.predictor_device)
         self.facts = self.predictor.facts
         h, w = self.facts.input_size
