@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     warnings.filterwarnings("ignore", message=".*returned `None`, this fit will run with no optimizer.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # batches are decoded on threads in the process by design (data.decode_threads); workers are not missing
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     if not argv or argv[0] in ("-h", "--help"):
         extra = "".join(f"  {name:<11} {entry.summary}\n" for name, entry in EXTRA_COMMANDS.items())
         print(HELP.format(extra=extra or "  (none)\n"))

@@ -172,6 +172,21 @@ def test_aoi_test_keeps_the_fit_logs(aoi_test_pass) -> None:
         assert (run / name).read_bytes() == content, f"{name} was overwritten by aoi test"
 
 
+def test_a_second_aoi_test_keeps_the_first_ones_files(aoi_test_pass, aoi_cli) -> None:
+    """Two evaluations of a run (here within the same second) write two eval/ and logs/ folders; the second
+    leaves every file of the first, and of the fit, as it was."""
+    run, first_eval, _ = aoi_test_pass
+    files_before = {p: p.read_bytes() for folder in ("logs", "eval") for p in (run / folder).rglob("*") if p.is_file()}
+    evals_before = set((run / "eval").iterdir())
+    argv = ["test", "--config", run / "config.yaml", "--ckpt_path", run / "weights" / "model.ckpt"]
+    assert aoi_cli([*argv, "--trainer.enable_progress_bar", "false"]) == 0
+    new = sorted(set((run / "eval").iterdir()) - evals_before)
+    assert len(new) == 1 and new[0] != first_eval and (new[0] / "metrics.json").is_file()
+    assert (run / "logs" / new[0].name / "metrics.csv").is_file()  # the command's logs under the same name
+    for path, content in files_before.items():
+        assert path.read_bytes() == content, f"{path.relative_to(run)} was overwritten by a second aoi test"
+
+
 def test_seed_makes_fit_reproducible(patchcore_run: Path, tiny_mvtec_root, tiny_runs_root, aoi_cli, tiny_fit_argv):
     argv = tiny_fit_argv("aoi_lightning.models.Patchcore", tiny_mvtec_root, tiny_runs_root, "patchcore_again")
     assert aoi_cli([*argv, "--seed", "0"]) == 0

@@ -18,7 +18,7 @@ from aoi_lightning.distributed import resolve_strategy
 from aoi_lightning.fileio import write_text_atomic
 from aoi_lightning.models.lightning_base import AnomalyModule
 from aoi_lightning.rundir.artifacts import write_eval_outputs, write_fit_checkpoint, write_fit_outputs
-from aoi_lightning.rundir.layout import RunDir, new_run_id
+from aoi_lightning.rundir.layout import RunDir, new_run_id, unique_name
 
 log = logging.getLogger("aoi_lightning")
 
@@ -89,6 +89,7 @@ class AoiCLI(LightningCLI):
             OptionError: unknown key (with the closest match and the allowed keys), wrong type, missing value.
         """
         self.run_dir: RunDir | None = None
+        self.output_name = ""
         self._new_dirs: list[Path] = []
         self._timings: dict[str, float] = {}
         subcommands = ("fit", "validate", "test", "predict")
@@ -165,11 +166,16 @@ class AoiCLI(LightningCLI):
                 self._new_dirs = [p for p in chain if not p.exists()]
         self.run_dir = run
         cfg.trainer.default_root_dir = str(run.path)
+        # a fresh name per command: a later test/validate/predict of a run gets logs/<name> and eval/<name> of its
+        # own, so that it overwrites neither the fit's files nor those of an earlier evaluation
+        self.output_name = f"{self.subcommand}-{run_id}"
+        if ckpt and self.subcommand != "fit":
+            base = f"{self.subcommand}-{new_run_id()}"
+            self.output_name = unique_name(base, run.path / "logs", run.path / "eval")
         if cfg.trainer.get("logger") in (None, True) or _is_run_logger(cfg.trainer.get("logger")):
-            # a fresh log folder per command, so that a later test/predict never overwrites the fit's logs
             cfg.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.CSVLogger",
-                init_args=Namespace(save_dir=str(run.path), name="logs", version=f"{self.subcommand}-{run_id}"),
+                init_args=Namespace(save_dir=str(run.path), name="logs", version=self.output_name),
             )
 
     def _remove_unstarted_run_dir(self) -> None:
@@ -213,7 +219,7 @@ class AoiCLI(LightningCLI):
             raise self.model.deferred_errors[0]
 
     def after_validate(self) -> None:
-        write_eval_outputs(self.trainer, self.model, self.run_dir, "validate")
+        write_eval_outputs(self.trainer, self.model, self.run_dir, "validate", self.output_name)
 
     def after_test(self) -> None:
-        write_eval_outputs(self.trainer, self.model, self.run_dir, "test")
+        write_eval_outputs(self.trainer, self.model, self.run_dir, "test", self.output_name)

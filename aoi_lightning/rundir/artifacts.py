@@ -12,7 +12,7 @@ from lightning.pytorch import Trainer
 from aoi_lightning.fileio import write_json, write_jsonl
 from aoi_lightning.models.lightning_base import AnomalyModule
 from aoi_lightning.postprocess.records import is_ng
-from aoi_lightning.rundir.layout import RunDir, new_run_id
+from aoi_lightning.rundir.layout import RunDir
 from aoi_lightning.rundir.meta import build_meta
 from aoi_lightning.rundir.scoring import score_loader
 
@@ -79,11 +79,12 @@ def write_fit_outputs(
     log.info("run written to %s", run.path)
 
 
-def write_eval_outputs(trainer: Trainer, model: AnomalyModule, run: RunDir, stage: str) -> None:
-    """After a standalone `validate`/`test`: `<run>/eval/<stage>-<id>/metrics.json` and predictions."""
+def write_eval_outputs(trainer: Trainer, model: AnomalyModule, run: RunDir, stage: str, name: str) -> None:
+    """After a standalone `validate`/`test`: `<run>/eval/<name>/metrics.json` and predictions (`name`:
+    `<stage>-<id>`, the same as the command's log folder)."""
     if not trainer.is_global_zero or run is None:
         return
-    out = run.path / "eval" / f"{stage}-{new_run_id()}"
+    out = run.path / "eval" / name
     image_t = float(model.model.image_threshold)
     if stage == "test" and model.test_report:
         write_json(out / "metrics.json", model.test_report)

@@ -12,6 +12,16 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
+def unique_name(base: str, *folders: Path) -> str:
+    """`base`, or `base-2`, `base-3`, ... : the first name that none of `folders` holds yet (e.g. two evaluations
+    of a run within the same second)."""
+    name, n = base, 1
+    while any((Path(folder) / name).exists() for folder in folders):
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Paths of a run directory."""

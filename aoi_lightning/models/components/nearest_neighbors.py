@@ -72,7 +72,9 @@ def knn_torch(
     exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
     if exporting or queries.shape[0] <= QUERY_CHUNK:
         return _knn_block(queries, bank, bank_sq, k, chunk)
-    parts = [_knn_block(queries[s : s + QUERY_CHUNK], bank, bank_sq, k, chunk) for s in range(0, len(queries), QUERY_CHUNK)]
+    parts = [
+        _knn_block(queries[s : s + QUERY_CHUNK], bank, bank_sq, k, chunk) for s in range(0, len(queries), QUERY_CHUNK)
+    ]
     return torch.cat([d for d, _ in parts]), torch.cat([i for _, i in parts])
 
 

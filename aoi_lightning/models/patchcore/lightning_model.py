@@ -24,9 +24,10 @@ class Patchcore(AnomalyModule):
             matrix products, exact).
         sigma: Gaussian smoothing of the anomaly map.
         index: index of the `faiss` search: `flat` (exact, default; matrix products in torch, faster than faiss's
-            flat index), `ivf_flat` or `hnsw` (faiss, approximate, for large banks). Built when first needed and never stored in the checkpoint, so a run can be tested
-            or predicted with another index (`--model.init_args.index hnsw`); `aoi run`, which builds the model
-            from the checkpoint alone, searches exactly.
+            flat index), `ivf_flat` or `hnsw` (faiss, approximate, for large banks). Built when first needed and
+            never stored in the checkpoint, so a run can be tested or predicted with another index
+            (`--model.init_args.index hnsw`); `aoi run`, which builds the model from the checkpoint alone,
+            searches exactly.
         index_params: index parameters, e.g. `{nprobe: 16}` for `ivf_flat` (`nlist`, `nprobe`) or
             `{ef_search: 64}` for `hnsw` (`M`, `ef_construction`, `ef_search`, `build_threads`).
         tile_size: tiling for images much larger than the model input: None (default) feeds the whole image
