@@ -51,7 +51,7 @@ def test_cli_main_in_process_freezes_nothing(capsys):
     from aoi_lightning.cli import main
 
     before = gc.get_freeze_count()
-    assert main(["check-data", "--help"]) == 0
+    assert main(["run", "--help"]) == 0
     assert gc.get_freeze_count() == before and gc.isenabled()
 
 
@@ -63,7 +63,7 @@ def test_console_process_freezes_its_imports(tmp_path):
         "from aoi_lightning import cli\n"
         "from aoi_lightning.allocator import enable_startup_freeze\n"
         "enable_startup_freeze()\n"
-        "code = cli.main(['check-data', '--help'])\n"
+        "code = cli.main(['run', '--help'])\n"
         "print(code, gc.isenabled(), gc.get_freeze_count())\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
