@@ -31,14 +31,6 @@ IVF_MIN_POINTS_PER_LIST = 39
 IVF_TRAIN_POINTS_PER_LIST = 64
 
 
-def squared_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared Euclidean distances (Q, M) by matmul (exports to ONNX, unlike `torch.cdist`)."""
-    if bank_sq is None:
-        bank_sq = bank.pow(2).sum(dim=1)
-    q_sq = queries.pow(2).sum(dim=1, keepdim=True)
-    return (q_sq - 2.0 * queries @ bank.T + bank_sq.unsqueeze(0)).clamp_min(0.0)
-
-
 #: Outside an ONNX export the queries are taken this many rows at a time, so that each (rows, bank chunk)
 #: distance block stays near 64 MB at the default bank chunk (2048 x 8192 float32) and in the caches.
 QUERY_CHUNK = 2048
