@@ -153,7 +153,8 @@ def test_a_kernel_that_fails_when_called_falls_back_to_pytorch(monkeypatch, capl
     def broken(*args):
         raise ValueError("No threading layer could be loaded.")
 
-    monkeypatch.setattr(coreset, "_kernel_state", {"kernel": broken, "error": None})
+    monkeypatch.setattr(coreset.KERNEL, "kernel", broken)
+    monkeypatch.setattr(coreset.KERNEL, "error", None)
     caplog.set_level("WARNING")
     assert greedy_coreset(x, 20, projection_dim=0, seed=1).tolist() == reference.tolist()
     assert "coreset kernel failed, using PyTorch" in caplog.text

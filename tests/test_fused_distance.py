@@ -82,12 +82,12 @@ def test_switched_off_by_environment(monkeypatch, spy) -> None:
 
 def test_build_failure_falls_back_to_pytorch_once(monkeypatch, caplog) -> None:
     stats, whitening = _stats(channels=8, positions=10, panels=2, dtype="float16")
-    monkeypatch.setattr(fused_distance, "_state", {"kernel": None, "error": None})
 
     def broken():
         raise ImportError("no numba here")
 
-    monkeypatch.setattr(fused_distance, "_build", broken)
+    for name, value in (("kernel", None), ("error", None), ("load", broken)):
+        monkeypatch.setattr(fused_distance.KERNEL, name, value)
     embedding = torch.randn(1, 8, 10)
     with caplog.at_level(logging.WARNING, logger=fused_distance.__name__):
         out = stats(embedding)
@@ -164,7 +164,7 @@ def test_unwritable_cache_locations_fall_back_to_the_temporary_folder(tmp_path) 
         "s = GaussianStats(dtype='float16')\n"
         "s.set(torch.zeros(3, 4), torch.eye(3).expand(4, 3, 3).clone())\n"
         "assert torch.allclose(s(torch.ones(1, 3, 4)), torch.full((1, 4), 3 ** 0.5))\n"
-        "assert fused_distance.kernel() is not None, fused_distance._state\n"
+        "assert fused_distance.kernel() is not None, fused_distance.KERNEL.error\n"
         "print(numba.config.CACHE_DIR)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}

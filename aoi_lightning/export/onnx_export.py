@@ -115,40 +115,38 @@ def store_exact_float16(proto: onnx.ModelProto, min_bytes: int | None = None) ->
     min_bytes = FLOAT16_MIN_BYTES if min_bytes is None else min_bytes
     graph_inputs = {value.name for value in proto.graph.input}
 
-    def as_half(tensor: onnx.TensorProto) -> tuple[np.ndarray, np.ndarray] | None:
-        """(float32 values, float16 values) of a large float32 tensor that float16 holds exactly, else None."""
+    def as_half(tensor: onnx.TensorProto) -> np.ndarray | None:
+        """The float16 values of a large float32 tensor that float16 holds exactly, else None."""
         if tensor.data_type != TensorProto.FLOAT or len(tensor.raw_data) < min_bytes:
             return None
         with warnings.catch_warnings():  # a read-only view of the protobuf's bytes, never written to
             warnings.filterwarnings("ignore", message=".*not writable.*")
             values = torch.from_numpy(numpy_helper.to_array(tensor))
         half = values.to(torch.float16)  # torch converts with vector instructions, numpy one value at a time
-        return (values.numpy(), half.numpy()) if torch.equal(half.to(torch.float32), values) else None
+        return half.numpy() if torch.equal(half.to(torch.float32), values) else None
 
     def widen(name: str) -> onnx.NodeProto:
         return helper.make_node("Cast", [f"{name}_float16"], [name], to=TensorProto.FLOAT, name=f"{name}_widen")
 
     casts, saved = [], 0
     for init in proto.graph.initializer:
-        found = None if init.name in graph_inputs else as_half(init)
-        if found is None:
+        half = None if init.name in graph_inputs else as_half(init)
+        if half is None:
             continue
-        values, half = found
         name = init.name
         init.CopyFrom(numpy_helper.from_array(half, f"{name}_float16"))
         casts.append(widen(name))
-        saved += values.nbytes - half.nbytes
+        saved += half.nbytes  # float32 takes twice float16's bytes
     nodes = list(proto.graph.node)
     for position, node in enumerate(nodes):
         value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
-        found = None if value is None else as_half(value)
-        if found is None:
+        half = None if value is None else as_half(value)
+        if half is None:
             continue
-        values, half = found
         name = node.output[0]
         proto.graph.initializer.append(numpy_helper.from_array(half, f"{name}_float16"))
         nodes[position] = widen(name)
-        saved += values.nbytes - half.nbytes
+        saved += half.nbytes
     if saved:
         del proto.graph.node[:]
         proto.graph.node.extend(casts + nodes)

@@ -88,6 +88,8 @@ class PredictionOutputs:
         self.count = 0
         #: image paths already in preds.jsonl when resuming
         self.done: set[str] = set()
+        #: the complete records kept from preds.jsonl when resuming, in file order
+        self.kept: list[dict] = []
 
     def open(self, resume: bool = False, settings: dict | None = None) -> PredictionOutputs:
         """Create the folders and start an empty JSON Lines file; with `resume`, keep the complete lines of an
@@ -110,11 +112,12 @@ class PredictionOutputs:
         if settings is not None:
             write_json(self.output_dir / SETTINGS_FILE, settings)
         self.done = set()
+        self.kept = []
         if resume and self.jsonl_path.is_file():
-            kept = read_jsonl(self.jsonl_path)
-            write_jsonl(self.jsonl_path, kept)  # atomically drops a torn last line
-            self.done = {str(r.get("image_path")) for r in kept}
-            self.count = len(kept)
+            self.kept = read_jsonl(self.jsonl_path)
+            write_jsonl(self.jsonl_path, self.kept)  # atomically drops a torn last line
+            self.done = {str(r.get("image_path")) for r in self.kept}
+            self.count = len(self.kept)
         mode = "a" if resume else "w"
         self._handle = open(self.jsonl_path, mode, encoding="utf-8")  # noqa: SIM115 - closed in close()
         return self

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from aoi_lightning.data.image_io import is_image_file, list_images
-from aoi_lightning.fileio import output_name, read_jsonl
+from aoi_lightning.fileio import output_name
 from aoi_lightning.inference.folder import LoadedImage, Predictor, load_image
 from aoi_lightning.postprocess.outputs import OutputOptions, PredictionOutputs, finish_outputs, output_settings
 from aoi_lightning.watch.settle import FileKey, SettleTracker
@@ -175,7 +175,7 @@ class HotFolder:
         facts = self.predictor.facts
         settings = output_settings(facts, self.output_options, self.predictor.run_id, self.input_dir)
         self.outputs.open(resume=True, settings=settings)
-        self.records = read_jsonl(self.outputs.jsonl_path)
+        self.records = list(self.outputs.kept)
         for rec in self.records:
             path = str(rec.get("image_path"))
             self.path_counts[path] += 1

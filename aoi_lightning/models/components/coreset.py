@@ -8,13 +8,16 @@ import math
 import numpy as np
 import torch
 
-from aoi_lightning.models.components.jit import PARALLEL_LOCK, import_kernels, parallel_threads
+from aoi_lightning.models.components.jit import PARALLEL_LOCK, LazyKernel, import_kernels, parallel_threads
 from aoi_lightning.progress import progress_bar
 
 log = logging.getLogger(__name__)
 #: Centres selected between two progress bar updates.
 PROGRESS_STEPS = 256
-_kernel_state: dict = {"kernel": None, "error": None}
+#: The farthest-first kernel, loaded on first use (`jit.LazyKernel`).
+KERNEL = LazyKernel(
+    lambda: import_kernels("aoi_lightning.models.components._coreset_kernel").farthest_first, "coreset kernel", log
+)
 
 
 def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
@@ -77,8 +80,7 @@ def greedy_coreset(features: torch.Tensor, num_samples: int, projection_dim: int
                     centre = kernel(points, nearest, selected, start, stop, centre, parallel_threads())
                 bar.update(stop - start)
         except Exception as exc:  # noqa: BLE001 - a failed compile or threading layer: the PyTorch loop, for good
-            _kernel_state["kernel"], _kernel_state["error"] = None, f"{type(exc).__name__}: {exc}"
-            log.warning("coreset kernel failed, using PyTorch (%s)", _kernel_state["error"])
+            KERNEL.give_up(exc)
             bar.reset()
             return _farthest_first_torch(x, first, num_samples, bar)
         return torch.from_numpy(selected)
@@ -86,13 +88,7 @@ def greedy_coreset(features: torch.Tensor, num_samples: int, projection_dim: int
 
 def _kernel():
     """The compiled farthest-first kernel, or None when numba is missing or the build failed (logged once)."""
-    if _kernel_state["kernel"] is None and _kernel_state["error"] is None:
-        try:
-            _kernel_state["kernel"] = import_kernels("aoi_lightning.models.components._coreset_kernel").farthest_first
-        except Exception as exc:  # noqa: BLE001 - any numba/llvmlite problem means: use PyTorch
-            _kernel_state["error"] = f"{type(exc).__name__}: {exc}"
-            log.warning("coreset kernel unavailable, using PyTorch (%s)", _kernel_state["error"])
-    return _kernel_state["kernel"]
+    return KERNEL.get()
 
 
 def _farthest_first_torch(x: torch.Tensor, first: int, num_samples: int, bar=None) -> torch.Tensor:

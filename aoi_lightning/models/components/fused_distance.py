@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 import numpy as np
 import torch
 
-from aoi_lightning.models.components.jit import PARALLEL_LOCK, import_kernels, parallel_threads
+from aoi_lightning.models.components.jit import PARALLEL_LOCK, LazyKernel, import_kernels, parallel_threads
 
 log = logging.getLogger(__name__)
 
@@ -32,35 +31,23 @@ log = logging.getLogger(__name__)
 MAX_BATCH = {torch.float16: 8, torch.float32: 1}
 ENV_SWITCH = "AOI_FUSED_DISTANCE"
 
-_lock = threading.Lock()
-_state: dict = {"kernel": None, "error": None}
+#: The kernel, loaded on first use (`jit.LazyKernel`).
+KERNEL = LazyKernel(
+    lambda: import_kernels("aoi_lightning.models.components._fused_kernels").squared,
+    "fused PaDiM distance kernel",
+    log,
+)
 
 
 def enabled() -> bool:
     """False when switched off by `AOI_FUSED_DISTANCE=0` or after the kernel failed to build or run once."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off") and not _state["error"]
-
-
-def _build():
-    """Import (and so compile, or load from numba's cache) the kernel; returns the parallel entry point."""
-    return import_kernels("aoi_lightning.models.components._fused_kernels").squared
+    switch = os.environ.get(ENV_SWITCH, "1").strip().lower()
+    return switch not in ("0", "false", "no", "off") and KERNEL.error is None
 
 
 def kernel():
     """The compiled kernel, built on first use; None when numba is missing or the build failed (logged once)."""
-    if _state["kernel"] is None and not _state["error"]:
-        with _lock:
-            if _state["kernel"] is None and not _state["error"]:
-                try:
-                    _state["kernel"] = _build()
-                except Exception as exc:  # noqa: BLE001 - any numba/llvmlite problem means: use PyTorch
-                    _disable(exc)
-    return _state["kernel"]
-
-
-def _disable(exc: BaseException) -> None:
-    _state["error"] = f"{type(exc).__name__}: {exc}"
-    log.warning("fused PaDiM distance kernel unavailable, using PyTorch (%s)", _state["error"])
+    return KERNEL.get()
 
 
 def applicable(embedding: torch.Tensor, panels: torch.Tensor) -> bool:
@@ -91,6 +78,6 @@ def squared_distances(delta: torch.Tensor, panels: torch.Tensor, bounds: torch.T
             threads = parallel_threads()
             run(delta.numpy(), stored, bounds.to(torch.int64).contiguous().numpy(), out.numpy(), threads)
     except Exception as exc:  # noqa: BLE001 - a failed JIT compile or threading layer: fall back for good
-        _disable(exc)
+        KERNEL.give_up(exc)
         return None
     return out
