@@ -88,10 +88,8 @@ def onnx_server(patchcore_run: Path, tmp_path_factory: pytest.TempPathFactory):
     assert (patchcore_run / "export" / "model.onnx").is_file()
     audit = tmp_path_factory.mktemp("onnx_server") / "audit"
     audit.mkdir()
-    with running_server(patchcore_run, "onnx", audit, "--max_batch_size", "8", "--batch_timeout", "0.05") as (
-        client,
-        _,
-    ):
+    extra = ("--max_batch_size", "8", "--batch_timeout", "0.05", "--save_ng_images")
+    with running_server(patchcore_run, "onnx", audit, *extra) as (client, _):
         yield client, audit
 
 
@@ -164,9 +162,15 @@ def test_concurrent_burst_batches_and_audits_every_answer_once(onnx_server, imag
     assert len(set(ids)) == n
     lines = [line for line in audit_lines(audit) if line["request_id"] not in before]
     assert sorted(line["request_id"] for line in lines) == sorted(ids)  # none lost, none duplicated
+    assert {line["record"]["label"] for line in lines} == {"OK", "NG"}
     by_id = {a.json()["request_id"]: a.json() for a in answers}
+    sent = {a.json()["request_id"]: payloads[i % len(payloads)] for i, a in enumerate(answers)}
     for line in lines:
         assert line["record"] == {k: v for k, v in by_id[line["request_id"]].items() if k != "request_id"}
+        if line["record"]["label"] == "NG":  # --save_ng_images: a copy of the upload, taken before it was removed
+            assert (audit / line["saved_image"]).read_bytes() == sent[line["request_id"]]
+        else:
+            assert "saved_image" not in line
         assert line["model"]["backend"] == "onnx" and len(line["model"]["sha256"]) == 64
         assert line["time"].endswith("Z")
     text = client.get("/metrics").body.decode()
@@ -348,8 +352,10 @@ def test_audit_log_keeps_days_and_ng_images(tmp_path, monkeypatch):
     day = [dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone.utc)]
     monkeypatch.setattr(audit_module, "utc_now", lambda: day[0])
     log = AuditLog(tmp_path, keep_days=2, save_ng_images=True)
-    log.append({"request_id": "a" * 32, "record": {"label": "NG"}}, image_bytes=b"png-bytes")
-    log.append({"request_id": "b" * 32, "record": {"label": "OK"}}, image_bytes=b"ok-bytes")
+    (tmp_path / "ng.upload").write_bytes(b"png-bytes")
+    (tmp_path / "ok.upload").write_bytes(b"ok-bytes")
+    log.append({"request_id": "a" * 32, "record": {"label": "NG"}}, image_file=tmp_path / "ng.upload")
+    log.append({"request_id": "b" * 32, "record": {"label": "OK"}}, image_file=tmp_path / "ok.upload")
     assert (tmp_path / "ng" / "2026-01-01" / f"{'a' * 32}.img").read_bytes() == b"png-bytes"
     assert not list((tmp_path / "ng").rglob(f"{'b' * 32}*"))  # OK images are not kept
     for offset in (1, 2):

@@ -76,9 +76,10 @@ def batch_sizes(client) -> dict:
     return {"batches": count, "mean_batch": float(values.get("aoi_serve_batch_size_sum", 0)) / count if count else 0}
 
 
-def aoi_run(model_dir: str, images: str, backend: str, batch_size: int, out: Path) -> dict:
+def aoi_run(model_dir: str, images: str, backend: str, batch_size: int, out: Path, num_workers: int = 1) -> dict:
     argv = [sys.executable, "-m", "aoi_lightning.cli", "run", "--model_dir", model_dir, "--input_dir", images]
     argv += ["--output_dir", str(out), "--backend", backend, "--batch_size", str(batch_size), "--device", "cpu"]
+    argv += ["--num_workers", str(num_workers)]
     argv += ["--recursive", "--no_progress", "--no_save_masks", "--no_save_overlays"]
     done = subprocess.run(argv, capture_output=True, text=True, check=True)
     match = re.search(r"aoi run: (\d+) images.*?([\d.]+) images/s", done.stdout)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max_batch_size", type=int, default=8)
-    parser.add_argument("--batch_timeout", type=float, default=0.01)
+    parser.add_argument("--batch_timeout", type=float, default=0.0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--output", default="serve_benchmark.json")
     args = parser.parse_args(argv)
@@ -130,12 +131,17 @@ def main(argv: list[str] | None = None) -> int:
                     row["audit_duplicated"] = len(logged) - len(set(logged))
                     results.append({"backend": backend, "mode": "serve", **row})
                     print(json.dumps(results[-1]), flush=True)
-            for batch in sorted({1, args.max_batch_size}):  # batch 1: the latency reference of concurrency 1
-                run = aoi_run(args.model_dir, args.images, backend, batch, Path(tmp) / f"run-{backend}-{batch}")
-                results.append({"backend": backend, "mode": "aoi run", "batch_size": batch, **run})
+            # batch 1: the reference of concurrency 1, with the next image decoded during the forward (the default)
+            # and with each image decoded before its forward (num_workers 0, the order a lone request takes)
+            for batch, workers in sorted({(1, 1), (1, 0), (args.max_batch_size, 1)}, key=lambda k: (k[0], -k[1])):
+                out = Path(tmp) / f"run-{backend}-{batch}-{workers}"
+                run = aoi_run(args.model_dir, args.images, backend, batch, out, workers)
+                results.append(
+                    {"backend": backend, "mode": "aoi run", "batch_size": batch, "num_workers": workers, **run}
+                )
                 print(json.dumps(results[-1]), flush=True)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    head = "| back end | mode | conc. | requests | errors | audit lost/dup | images/s | mean batch | p50/p95/p99 |"
+    head = "| back end | mode | conc. | requests | errors | audit lost/dup | images/s | mean batch | p50/p95/p99 ms |"
     rows = [head]
     rows.append("|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -146,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f} |"
             )
         else:
+            decode = ", decode in line" if r.get("num_workers") == 0 else ""
+            ips = r.get("images_per_second", float("nan"))
             rows.append(
-                f"| {r['backend']} | aoi run (batch {r['batch_size']}) | - | {r.get('images', '-')} | - | - | "
-                f"{r.get('images_per_second', float('nan')):.1f} | - | - |"
+                f"| {r['backend']} | aoi run (batch {r['batch_size']}{decode}) | - | {r.get('images', '-')} | - | - | "
+                f"{ips:.1f} | - | {1000.0 / ips:.1f} per image |"
             )
     table = "\n".join(rows)
     Path(args.output).with_suffix(".md").write_text(table + "\n", encoding="utf-8")

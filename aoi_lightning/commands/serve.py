@@ -100,7 +100,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     max_batch_size: int = 8,
-    batch_timeout: float = 0.003,
+    batch_timeout: float = 0.0,
     workers: int = 1,
     device: Literal["cpu", "cuda", "auto"] = "auto",
     api_key_file: str | None = None,
@@ -126,7 +126,8 @@ def serve(
         host: address to listen on: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface).
         port: TCP port (1024-65535).
         max_batch_size: largest batch the dynamic batcher forms from concurrent requests.
-        batch_timeout: seconds the batcher waits for more requests to fill a batch.
+        batch_timeout: seconds the batcher waits, after the first request of a batch, for more to fill it (0: it
+            takes the requests already waiting; those arriving while a batch runs form the next one).
         workers: model worker processes (each holds a copy of the model).
         device: where the model runs (auto: cuda when available).
         api_key_file: file holding the API key (first line); else the AOI_SERVE_API_KEY environment variable.

@@ -13,18 +13,19 @@ import contextlib
 import logging
 import os
 import platform
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty
 
 import cv2
 import litserve as ls
 import numpy as np
+from litserve.loops.base import collate_requests
+from litserve.loops.simple_loops import BatchedLoop
 
 from aoi_lightning.allocator import enable_startup_freeze, keep_freed_memory
 from aoi_lightning.fileio import dumps, sha256_of, write_json
@@ -36,6 +37,7 @@ from aoi_lightning.serve.metrics import metrics
 log = logging.getLogger(__name__)
 
 INFO_FILE = "info.json"
+UPLOAD_DIR = "uploads"
 
 
 def json_response(body: dict, status: int = 200, request_id: str | None = None, headers: dict | None = None):
@@ -72,6 +74,14 @@ def _versions(backend: str) -> dict:
     return out
 
 
+def upload_path(upload_dir: str | Path, request_id: str) -> Path:
+    """Where the gate puts the bytes of request `request_id` for the model worker (`request_id`: 32 hex digits
+    the gate made; ValueError for anything else, so no name from outside can become a path)."""
+    if len(request_id) != 32 or any(c not in "0123456789abcdef" for c in request_id):
+        raise ValueError(f"not a request id: {request_id!r}")
+    return Path(upload_dir) / f"{request_id}.img"
+
+
 def png_base64(image: np.ndarray) -> str:
     """(H, W) or (H, W, 3) BGR uint8 -> base64 of its PNG encoding."""
     ok, data = cv2.imencode(".png", image)
@@ -80,14 +90,50 @@ def png_base64(image: np.ndarray) -> str:
     return base64.b64encode(data.tobytes()).decode("ascii")
 
 
+class _FirstThen:
+    """A request queue whose first `get` answers `first` (already taken from `queue`), then `queue`'s."""
+
+    def __init__(self, first, queue) -> None:
+        self.first, self.queue, self.taken = first, queue, False
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        if not self.taken:
+            self.taken = True
+            return self.first
+        return self.queue.get(block, timeout)
+
+    def get_nowait(self):
+        return self.get(block=False)
+
+
+class FirstRequestLoop(BatchedLoop):
+    """LitServe's batched loop with the batch window opened by the first request.
+
+    LitServe's own loop polls the queue every millisecond while idle and closes a batch `batch_timeout` after it
+    started looking, wherever the first request fell in that window. This loop blocks on the queue until a request
+    arrives (no polling), then lets LitServe's `collate_requests` gather more for `batch_timeout` seconds, or only
+    those already waiting when `batch_timeout` is 0. Requests that queue up while a batch runs form the next one.
+    """
+
+    #: seconds one wait for a request lasts before the loop looks round (LitServe's own loops use 1 s)
+    idle_wait = 1.0
+
+    def get_batch_requests(self, lit_api, request_queue, transport):
+        try:
+            first = request_queue.get(timeout=self.idle_wait)
+        except Empty:
+            return [], []
+        return collate_requests(self, lit_api, _FirstThen(first, request_queue), transport)
+
+
 @dataclass
 class Job:
-    """One request inside the worker: the gate's payload, the decoded image, the prediction."""
+    """One request inside the worker: the gate's payload, the upload it stored, the decoded image, the prediction."""
 
     request_id: str
     filename: str
     options: dict
-    data: bytes
+    upload: Path
     loaded: LoadedImage | None = None
     score: float | None = None
     anomaly_map: np.ndarray | None = None
@@ -101,13 +147,14 @@ class InspectionAPI(ls.LitAPI):
         model_dir: run directory (or, for `onnx`, a folder holding model.onnx and export_meta.json).
         backend: `torch` or `onnx`.
         device: `cpu`, `cuda` or `auto` (as `aoi run --device`).
-        state_dir: folder of the service's state (`info.json` written once the model is warmed up).
+        state_dir: folder of the service's state (`info.json` written once the model is warmed up; `uploads/`, where
+            the gate hands over the image of each request).
         audit_dir: folder of the audit log (`audit.AuditLog`).
         audit_keep_days: daily audit files kept.
         audit_fsync: fsync each audit line.
         save_ng_images: keep the uploaded bytes of NG images in the audit folder.
         max_batch_size: largest batch of the dynamic batcher.
-        batch_timeout: seconds the batcher waits to fill a batch.
+        batch_timeout: seconds the batcher waits, after the first request of a batch, for more (`FirstRequestLoop`).
         decode_threads: threads decoding the images of a batch (0: one per CPU, at most `max_batch_size`).
     """
 
@@ -122,14 +169,16 @@ class InspectionAPI(ls.LitAPI):
         audit_fsync: bool = False,
         save_ng_images: bool = False,
         max_batch_size: int = 8,
-        batch_timeout: float = 0.003,
+        batch_timeout: float = 0.0,
         decode_threads: int = 0,
     ) -> None:
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, loop=FirstRequestLoop())
         self.model_dir = str(model_dir)
         self.backend = backend
         self.predictor_device = device
         self.state_dir = str(state_dir)
+        self.upload_dir = str(Path(state_dir) / UPLOAD_DIR)
+        Path(self.upload_dir).mkdir(parents=True, exist_ok=True)
         self.audit_args = (str(audit_dir), audit_keep_days, audit_fsync, save_ng_images)
         self.decode_threads = decode_threads
 
@@ -145,7 +194,6 @@ class InspectionAPI(ls.LitAPI):
         for n in sorted({1, self.max_batch_size}):  # warm-up: first-call allocations and kernel choices
             self.predictor.predict(np.zeros((n, 3, h, w), np.float32))
         self.audit = AuditLog(*self.audit_args)
-        self.tmp = tempfile.mkdtemp(prefix="aoi-serve-")
         threads = self.decode_threads or min(self.max_batch_size, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads)) if threads > 1 else None
         self.metrics = metrics()
@@ -187,24 +235,19 @@ class InspectionAPI(ls.LitAPI):
     # ---- per request and per batch ------------------------------------------------------------------------
     def decode_request(self, request: dict) -> Job:
         """The gate's JSON payload -> a Job (decoding happens for the whole batch in `batch`)."""
+        request_id = str(request["request_id"])
         return Job(
-            request_id=str(request["request_id"]),
+            request_id=request_id,
             filename=str(request.get("filename") or "upload"),
             options=dict(request.get("options") or {}),
-            data=base64.b64decode(request["image_b64"]),
+            upload=upload_path(self.upload_dir, request_id),
         )
 
     def _decode(self, job: Job) -> Job:
-        path = Path(self.tmp) / f"{job.request_id}.img"  # the server's id, never a name from the request
-        try:
-            path.write_bytes(job.data)
-            job.loaded = load_image(
-                path, self.predictor.preprocessing, keep_original=bool(job.options.get("return_overlay"))
-            )
-        finally:
-            path.unlink(missing_ok=True)
-        if job.loaded.error:
-            job.loaded.error = job.loaded.error.replace(f": {path}", "").replace(str(path), "upload")
+        keep_original = bool(job.options.get("return_overlay"))
+        job.loaded = load_image(job.upload, self.predictor.preprocessing, keep_original=keep_original)
+        if job.loaded.error:  # the server's file name means nothing to the client
+            job.loaded.error = job.loaded.error.replace(f": {job.upload}", "").replace(str(job.upload), "upload")
         return job
 
     def batch(self, inputs: list[Job]) -> list[Job]:
@@ -272,7 +315,7 @@ class InspectionAPI(ls.LitAPI):
                 self.metrics.errors.labels(kind).inc()
                 return error_body(status, kind, message, rid)
             record, pictures = self.record(output)
-            self.audit.append({"request_id": rid, "model": self.identity, "record": record}, image_bytes=output.data)
+            self.audit.append({"request_id": rid, "model": self.identity, "record": record}, image_file=output.upload)
             self.metrics.verdicts.labels(record["label"]).inc()
             return json_response({"request_id": rid, **record, **pictures}, 200, rid)
         except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
@@ -283,7 +326,5 @@ class InspectionAPI(ls.LitAPI):
     def teardown(self) -> None:
         if getattr(self, "pool", None) is not None:
             self.pool.shutdown(wait=False)
-        if getattr(self, "tmp", None):
-            shutil.rmtree(self.tmp, ignore_errors=True)
         if getattr(self, "audit", None) is not None:
             self.audit.close()

@@ -48,6 +48,7 @@ def build_server(
                     "max_image_pixels": max_image_pixels,
                     "max_queue": max_queue,
                     "in_flight": in_flight,
+                    "upload_dir": api.upload_dir,
                 },
             )
         ],

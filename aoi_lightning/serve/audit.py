@@ -71,21 +71,21 @@ class AuditLog:
                 if _DAY.match(day_dir.name) and dt.date.fromisoformat(day_dir.name) < oldest:
                     shutil.rmtree(day_dir, ignore_errors=True)
 
-    def append(self, entry: dict, image_bytes: bytes | None = None) -> dict:
+    def append(self, entry: dict, image_file: str | Path | None = None) -> dict:
         """Write one line: `request_id`, `time` (ISO 8601 UTC) and `entry`; returns what was written.
 
-        `image_bytes` are saved first (when `save_ng_images` and the record is NG), so a line never names a
-        missing file.
+        A copy of `image_file` (the uploaded bytes) is saved first (when `save_ng_images` and the record is NG),
+        so a line never names a missing file.
         """
         now = utc_now()
         day = now.date().isoformat()
         line = {"time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"), **entry}
         record = entry.get("record") or {}
-        if self.save_ng_images and image_bytes and record.get("label") == "NG":
+        if self.save_ng_images and image_file is not None and record.get("label") == "NG":
             folder = self.folder / "ng" / day
             folder.mkdir(parents=True, exist_ok=True)
             name = f"{entry['request_id']}.img"  # the server's request id, never a name from the request
-            (folder / name).write_bytes(image_bytes)
+            shutil.copyfile(image_file, folder / name)
             line["saved_image"] = f"ng/{day}/{name}"
         data = (dumps(line) + "\n").encode("utf-8")
         fd = self._open(day)

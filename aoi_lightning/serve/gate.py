@@ -2,8 +2,11 @@
 
 For `POST /predict` it reads the body (at most `max_body_bytes`), takes the image from a raw body
 (`application/octet-stream`, `image/*`) or a multipart upload (field `image` or `file`), checks the options
-and the image header (`image_header`: no pixel is decoded), and hands LitServe a small JSON payload
-`{"request_id", "filename", "options", "image_b64"}`. Every refusal is a one-line JSON error:
+and the image header (`image_header`: no pixel is decoded), writes the image bytes to
+`<upload_dir>/<request_id>.img` (`api.upload_path`: a name of the server's, never one from the request) and hands
+LitServe a small JSON payload `{"request_id", "filename", "options"}`. The model worker decodes that file, and the
+gate deletes it once the answer has been sent: the image never goes through JSON, base64 or LitServe's queues.
+Every refusal is a one-line JSON error:
 
 | status | kind | when |
 |---|---|---|
@@ -13,20 +16,23 @@ and the image header (`image_header`: no pixel is decoded), and hands LitServe a
 | 415 | unsupported_media_type | a content type other than raw bytes, `image/*` or multipart |
 | 422 | not_an_image | not a PNG/JPEG/BMP/TIFF/WebP header (the worker answers 422 for truncated/corrupt ones) |
 | 503 | queue_full | `max_queue` requests already waiting (with `Retry-After`) |
+| 507 | storage | the upload could not be stored for the model worker (disk full) |
 """
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import hmac
 import json
 import math
+import os
 import time
 import uuid
+from pathlib import Path
 from urllib.parse import parse_qsl
 
 from aoi_lightning.data.image_io import image_header
-from aoi_lightning.serve.api import error_body
+from aoi_lightning.serve.api import error_body, upload_path
 from aoi_lightning.serve.metrics import metrics
 
 RAW_TYPES = ("application/octet-stream", "image/")
@@ -93,10 +99,14 @@ class Gate:
         max_image_pixels: largest image (height x width, from its header) accepted for decoding.
         max_queue: `/predict` requests accepted and not yet answered, over all API-server processes.
         in_flight: a shared `multiprocessing.Value("i")` counting them (shared by the forked API servers).
+        upload_dir: folder the uploads are handed to the model workers in (`upload_path`).
     """
 
-    def __init__(self, app, api_key, max_body_bytes: int, max_image_pixels: int, max_queue: int, in_flight):
+    def __init__(
+        self, app, api_key, max_body_bytes: int, max_image_pixels: int, max_queue: int, in_flight, upload_dir: str
+    ):
         self.app = app
+        self.upload_dir = Path(upload_dir)
         self.api_key = api_key.encode("utf-8") if api_key else None
         self.max_body_bytes = max_body_bytes
         self.max_image_pixels = max_image_pixels
@@ -139,7 +149,8 @@ class Gate:
                 self.in_flight.value += 1
                 counted = True
             self.metrics.queue_depth.inc()
-            payload = await self._payload(scope, receive, request_id)
+            upload = upload_path(self.upload_dir, request_id)
+            payload = await self._payload(scope, receive, request_id, upload)
             body = json.dumps(payload).encode("utf-8")
             headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]
             headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -151,6 +162,9 @@ class Gate:
             response = error_body(exc.status, exc.kind, str(exc), request_id, exc.headers)
             await response(scope, receive, send)
         finally:
+            if request_id is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(upload_path(self.upload_dir, request_id))
             if counted:
                 with self.in_flight.get_lock():
                     self.in_flight.value -= 1
@@ -191,7 +205,7 @@ class Gate:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _payload(self, scope, receive, request_id: str) -> dict:
+    async def _payload(self, scope, receive, request_id: str, upload: Path) -> dict:
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         fields = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
@@ -223,11 +237,15 @@ class Gate:
             raise GateError(
                 413, "image_too_large", f"image too large ({width}x{height} pixels > {self.max_image_pixels})"
             )
+        try:
+            with open(upload, "xb") as handle:  # a fresh name: never follows or overwrites an existing file
+                handle.write(data)
+        except OSError as exc:
+            raise GateError(507, "storage", f"cannot store the upload: {exc.strerror or exc}") from exc
         return {
             "request_id": request_id,
             "filename": filename.replace("\\", "/").rsplit("/", 1)[-1][:255] or "upload",
             "options": options,
-            "image_b64": base64.b64encode(data).decode("ascii"),
         }
 
     async def _form(self, scope, body: bytes, filename: str) -> tuple[bytes, str, dict]:
