@@ -49,6 +49,18 @@ def test_flat_equals_knn_torch() -> None:
         torch.testing.assert_close(dist, ref_d, rtol=1e-4, atol=1e-4)
 
 
+def test_knn_torch_distances_alone_equal_the_searched_ones() -> None:
+    gen = torch.Generator().manual_seed(2)
+    bank, queries = torch.randn(5000, 64, generator=gen), torch.randn(3000, 64, generator=gen)
+    ref_d, ref_i = knn_torch(queries, bank, k=1, chunk=2048)  # 3 bank chunks, 2 query chunks
+    dist, none = knn_torch(queries, bank, k=1, chunk=2048, with_indices=False)
+    assert none is None and dist.shape == (3000, 1)
+    assert torch.equal(dist, ref_d)  # the same minimum, found without its position
+    torch.testing.assert_close(dist, _true_distances(queries, bank, ref_i), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="k = 1"):
+        knn_torch(queries, bank, k=3, with_indices=False)
+
+
 @pytest.mark.parametrize("kind", ["ivf_flat", "hnsw"])
 def test_ann_recall_against_exact(clustered, kind: str) -> None:
     bank, queries, exact = clustered

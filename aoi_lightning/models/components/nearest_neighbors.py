@@ -37,8 +37,13 @@ QUERY_CHUNK = 2048
 
 
 def knn_torch(
-    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 8192, bank_sq: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int = 1,
+    chunk: int = 8192,
+    bank_sq: torch.Tensor | None = None,
+    with_indices: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact k nearest neighbours (Euclidean) by matrix product, ||b||^2 - 2 q.b per bank row b, with ||q||^2
     added to the k best only. The bank is taken `chunk` rows at a time; outside an ONNX export or trace the
     queries `QUERY_CHUNK` rows at a time as well (an exported graph keeps them whole: its query count varies with
@@ -55,29 +60,42 @@ def knn_torch(
         k: neighbours per query (at most N are returned).
         chunk: bank rows per distance block.
         bank_sq: the bank's squared norms (N,), if already known.
+        with_indices: False (k = 1 only): the distances alone, without the pass that finds where the minimum is
+            (in an ONNX graph an `ArgMin` over the whole (Q, N) block, as long as the `ReduceMin` itself).
 
     Returns:
-        distances (Q, k) (Euclidean, ascending) and indices (Q, k) into the bank.
+        distances (Q, k) (Euclidean, ascending) and indices (Q, k) into the bank (None without `with_indices`).
+
+    Raises:
+        ValueError: `with_indices=False` with k > 1.
     """
+    if not with_indices and k != 1:
+        raise ValueError(f"with_indices=False needs k = 1, got k = {k}")
     if bank_sq is None:
         bank_sq = bank.pow(2).sum(dim=1)
     exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
     if exporting or queries.shape[0] <= QUERY_CHUNK:
-        return _knn_block(queries, bank, bank_sq, k, chunk)
+        return _knn_block(queries, bank, bank_sq, k, chunk, with_indices)
     parts = [
-        _knn_block(queries[s : s + QUERY_CHUNK], bank, bank_sq, k, chunk) for s in range(0, len(queries), QUERY_CHUNK)
+        _knn_block(queries[s : s + QUERY_CHUNK], bank, bank_sq, k, chunk, with_indices)
+        for s in range(0, len(queries), QUERY_CHUNK)
     ]
-    return torch.cat([d for d, _ in parts]), torch.cat([i for _, i in parts])
+    indices = torch.cat([i for _, i in parts]) if with_indices else None
+    return torch.cat([d for d, _ in parts]), indices
 
 
 def _knn_block(
-    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, k: int, chunk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, k: int, chunk: int, with_indices: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     best_d: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
     for start in range(0, bank.shape[0], chunk):
         part = bank[start : start + chunk]
         partial = torch.addmm(bank_sq[start : start + chunk].unsqueeze(0), queries, part.T, alpha=-2.0)
+        if not with_indices:  # k == 1, distances alone
+            d = partial.amin(dim=1, keepdim=True)
+            best_d = d if best_d is None else torch.minimum(best_d, d)
+            continue
         kk = min(k, part.shape[0])
         if kk == 1:
             d, i = partial.min(dim=1, keepdim=True)
@@ -93,7 +111,7 @@ def _knn_block(
             cat_d, cat_i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
             best_d, pos = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False)
             best_i = torch.gather(cat_i, 1, pos)
-    assert best_d is not None and best_i is not None
+    assert best_d is not None and (best_i is not None or not with_indices)
     distances = (best_d + queries.pow(2).sum(dim=1, keepdim=True)).clamp_min(0.0).sqrt()
     return distances, best_i
 

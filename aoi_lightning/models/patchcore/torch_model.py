@@ -229,28 +229,30 @@ class PatchcoreModel(AnomalyTorchModel):
         self._searcher = None
         super()._load_from_state_dict(*args, **kwargs)
 
-    def nearest(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k nearest bank rows of (Q, D) queries: distances and indices (Q, k)."""
+    def nearest(
+        self, queries: torch.Tensor, k: int, with_indices: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """k nearest bank rows of (Q, D) queries: distances and indices (Q, k); `with_indices=False` (k = 1): the
+        distances alone (indices None) where the search can skip them (`knn_torch`)."""
         bank = self.memory_bank
         if self.search == "faiss" and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
             # the exact export path below stays matmul; the faiss index is built lazily, never saved
             if self._searcher is None or not self._searcher.built_for(bank, self.index, self.index_params, self.seed):
                 self._searcher = FaissSearcher(bank.to(torch.float32), self.index, self.index_params, self.seed)
             return self._searcher.search(queries, k)
-        return knn_torch(queries, bank.to(torch.float32), k)
+        return knn_torch(queries, bank.to(torch.float32), k, with_indices=with_indices)
 
     def score_embedding(self, emb: torch.Tensor, input_size: tuple[int, int]) -> InferenceOutput:
         """Nearest-bank-row distance per patch, upsampled to `input_size` and smoothed; score: `_reweight`."""
         batch, dim, h, w = emb.shape
         patches = emb.permute(0, 2, 3, 1).reshape(-1, dim)
-        dist, index = self.nearest(patches, 1)
+        dist, _ = self.nearest(patches, 1, with_indices=False)  # which row is nearest matters for one patch only
         patch_scores = dist[:, 0].reshape(batch, h * w)
-        nn_index = index[:, 0].reshape(batch, h * w)
-        pred_score = self._reweight(emb.permute(0, 2, 3, 1).reshape(batch, h * w, dim), patch_scores, nn_index)
+        pred_score = self._reweight(emb.permute(0, 2, 3, 1).reshape(batch, h * w, dim), patch_scores)
         anomaly_map = self.smooth_map(patch_scores.reshape(batch, h, w), tuple(input_size))
         return InferenceOutput(pred_score=pred_score, anomaly_map=anomaly_map)
 
-    def _reweight(self, patches: torch.Tensor, patch_scores: torch.Tensor, nn_index: torch.Tensor) -> torch.Tensor:
+    def _reweight(self, patches: torch.Tensor, patch_scores: torch.Tensor) -> torch.Tensor:
         """Image score of the PatchCore paper (Roth et al. 2022, eq. 7): the max patch score s* = ||m_test - m*||,
         down-weighted when the matched bank patch m* lies in a dense neighbourhood:
 
@@ -268,8 +270,8 @@ class PatchcoreModel(AnomalyTorchModel):
 
         Args:
             patches: (B, P, D) patch features.
-            patch_scores: (B, P) nearest-neighbour distances.
-            nn_index: (B, P) index of each patch's nearest bank row.
+            patch_scores: (B, P) nearest-neighbour distances (m*, the nearest bank row of the max patch, is
+                searched here for that patch alone).
 
         Returns:
             (B,) image scores, finite and >= 0.
@@ -283,7 +285,8 @@ class PatchcoreModel(AnomalyTorchModel):
             return score
         bank = self.memory_bank.to(torch.float32)
         test_patch = patches[arange, max_pos]  # (B, D)
-        matched = bank[nn_index[arange, max_pos]]  # (B, D)
+        _, nn_index = self.nearest(test_patch, 1)
+        matched = bank[nn_index[:, 0]]  # (B, D): m*
         _, support = self.nearest(matched, k)  # (B, k): the matched row and its k-1 neighbours
         support_feats = bank[support]  # (B, k, D)
         diff = (test_patch.unsqueeze(1) - support_feats).pow(2).sum(-1).clamp_min(0).sqrt()  # (B, k)
