@@ -84,6 +84,23 @@ def test_export_consistency_passes_on_any_batch_size(exported):
         assert model.search == "faiss"  # the export's matmul search did not leak into the model
 
 
+def test_graph_has_no_run_time_padding(exported):
+    """The backbone's TensorFlow 'SAME' padding is fixed at export (`fix_same_padding`): no Pad computed from the
+    input's shape is left for ONNX Runtime to run as a pass of its own."""
+    _, path = exported
+    graph = onnx.load(str(path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    initializers = {t.name for t in graph.initializer}
+
+    def constant(name: str) -> bool:  # computed from constants alone, never from the input's shape
+        node = producer.get(name)
+        return name in initializers or (node is not None and all(constant(i) for i in node.input if i))
+
+    pads = [node for node in graph.node if node.op_type == "Pad"]
+    assert pads and all(constant(node.input[1]) for node in pads)  # ONNX Runtime folds them into the Conv
+    assert "Ceil" not in {node.op_type for node in graph.node}
+
+
 def test_empty_masks_give_iou_one(exported):
     model, path = exported
     result = check_consistency(model, path, _images(2, seed=4), pixel_threshold=1e30)

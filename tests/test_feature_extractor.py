@@ -277,3 +277,43 @@ def test_lite12_experiments_mirror_lite0(name: str, version: int) -> None:
     assert other["model"]["init_args"]["weights"] == "package"
     other["model"]["init_args"]["backbone"] = LITE0
     assert other == lite0
+
+
+def test_fix_same_padding_keeps_the_numbers_and_drops_the_dynamic_padding() -> None:
+    from timm.layers import Conv2dSame
+
+    from aoi_lightning.models.components.feature_extractor import fix_same_padding
+
+    torch.manual_seed(0)
+    extractor = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], weights="none").eval()
+    images = torch.rand(2, 3, 72, 104)  # non-square, and odd sizes further down: asymmetric 'SAME' amounts
+    with torch.no_grad():
+        before = extractor(images)
+    dynamic = sum(isinstance(m, Conv2dSame) for m in extractor.modules())
+    assert dynamic > 0
+    assert fix_same_padding(extractor, images) == dynamic
+    assert not any(isinstance(m, Conv2dSame) for m in extractor.modules())
+    with torch.no_grad():
+        after = extractor(images)
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+
+
+def test_fix_same_padding_leaves_convolutions_that_see_several_sizes() -> None:
+    from timm.layers import Conv2dSame
+
+    from aoi_lightning.models.components.feature_extractor import fix_same_padding
+
+    extractor = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2"], weights="none").eval()
+
+    class TwoSizes(torch.nn.Module):  # e.g. tiles of unequal size through one backbone
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = extractor
+
+        def forward(self, x):
+            return self.body(x[..., :64, :64]), self.body(x[..., :48, :80])
+
+    model = TwoSizes()
+    assert fix_same_padding(model, torch.rand(1, 3, 64, 80)) == 0
+    assert any(isinstance(m, Conv2dSame) for m in model.modules())

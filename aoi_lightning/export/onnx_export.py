@@ -22,6 +22,7 @@ import torch
 from aoi_lightning.data.preprocess import INTERPOLATIONS, RESIZE_DESCRIPTIONS, Preprocessing
 from aoi_lightning.fileio import dumps, read_json, sha256_of, write_json
 from aoi_lightning.models.components.base import AnomalyTorchModel, InferenceOutput
+from aoi_lightning.models.components.feature_extractor import fix_same_padding
 from aoi_lightning.progress import phase
 from aoi_lightning.rundir.meta import package_versions, utc_now
 
@@ -159,7 +160,9 @@ def _weights_bytes(proto: onnx.ModelProto) -> int:
 
 def _trace(model: AnomalyTorchModel, image_size: tuple[int, int], path: Path, opset: int) -> None:
     dummy = torch.rand(2, 3, *image_size)  # batch 2: no batch-1 specialisation gets baked into the graph
-    model(dummy)  # builds size-dependent constants (e.g. the blur matrices) outside the trace
+    fixed = fix_same_padding(model, dummy)  # also builds size-dependent constants (e.g. the blur matrices)
+    if fixed:
+        log.info("%d convolutions with TensorFlow 'SAME' padding fixed for %dx%d", fixed, *image_size)
     dynamic = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
     with warnings.catch_warnings():
         # shape-dependent Python values (kernel sizes, bank size) are constants of the trained input size

@@ -151,3 +151,65 @@ def layers_for_strides(backbone: str, strides: Sequence[int]) -> tuple[str, ...]
             )
         chosen.append(matches[-1])
     return tuple(chosen)
+
+
+def fix_same_padding(model: nn.Module, example: torch.Tensor) -> int:
+    """Replace every timm `Conv2dSame` in `model` by a fixed `ZeroPad2d` and a plain `Conv2d` for the input size
+    of `example`; the numbers are the same.
+
+    TensorFlow's 'SAME' padding (the `tf_` EfficientNets) depends on the input size, so `Conv2dSame` computes it
+    at each call. Traced into ONNX with a dynamic batch axis, that is a chain of Shape/Gather/Ceil nodes ending in a
+    Pad whose amounts are only known at run time, which ONNX Runtime runs as a separate pass over the activations.
+    With constant amounts it folds the Pad into the Conv (asymmetric `pads`). Use on a copy, for one input size.
+
+    A convolution that sees inputs of more than one size in the forward pass of `example` keeps its dynamic
+    padding.
+
+    Args:
+        model: module holding the convolutions (changed in place).
+        example: (B, 3, H, W) input at the size the model will run at.
+
+    Returns:
+        the number of convolutions replaced.
+    """
+    from timm.layers import Conv2dSame
+    from timm.layers.padding import get_same_padding
+
+    sizes: dict[str, set[tuple[int, int]]] = {}
+
+    def record(name: str):
+        def hook(module, args) -> None:
+            sizes.setdefault(name, set()).add((int(args[0].shape[-2]), int(args[0].shape[-1])))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules() if isinstance(m, Conv2dSame)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    fixed = 0
+    for name, seen in sizes.items():
+        if len(seen) != 1:  # inputs of several sizes (e.g. tiles of unequal size): the padding stays dynamic
+            continue
+        (ih, iw), conv = next(iter(seen)), model.get_submodule(name)
+        ph = get_same_padding(ih, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
+        pw = get_same_padding(iw, conv.kernel_size[1], conv.stride[1], conv.dilation[1])
+        plain = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            0,
+            conv.dilation,
+            conv.groups,
+            bias=conv.bias is not None,
+        )
+        plain.weight, plain.bias = conv.weight, conv.bias
+        pad = nn.ZeroPad2d((pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))  # as timm's pad_same: extra at the end
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, nn.Sequential(pad, plain))
+        fixed += 1
+    return fixed
