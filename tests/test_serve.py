@@ -182,6 +182,11 @@ def test_concurrent_burst_batches_and_audits_every_answer_once(onnx_server, imag
     total, single = samples["aoi_serve_batch_size_count"], samples['aoi_serve_batch_size_bucket{le="1.0"}']
     assert total >= 1 and single < total, "no batch of more than one image under concurrent load"
     assert samples["aoi_serve_batch_size_sum"] >= n
+    for stage in ("decode", "postprocess"):  # one observation per image: the latency can be broken down
+        counts = [
+            float(r.rsplit(" ", 1)[1]) for r in text.splitlines() if r.startswith(f"aoi_serve_{stage}_seconds_count")
+        ]
+        assert counts and counts[0] >= n, stage
     assert 'aoi_serve_verdicts_total{label="NG"}' in text and "aoi_serve_request_latency_seconds_bucket" in text
     assert "aoi_serve_queue_depth 0.0" in text
 

@@ -245,7 +245,9 @@ class InspectionAPI(ls.LitAPI):
 
     def _decode(self, job: Job) -> Job:
         keep_original = bool(job.options.get("return_overlay"))
+        start = time.perf_counter()
         job.loaded = load_image(job.upload, self.predictor.preprocessing, keep_original=keep_original)
+        self.metrics.decode.observe(time.perf_counter() - start)
         if job.loaded.error:  # the server's file name means nothing to the client
             job.loaded.error = job.loaded.error.replace(f": {job.upload}", "").replace(str(job.upload), "upload")
         return job
@@ -314,10 +316,13 @@ class InspectionAPI(ls.LitAPI):
                 self.audit.append({**entry, "filename": output.filename})
                 self.metrics.errors.labels(kind).inc()
                 return error_body(status, kind, message, rid)
+            start = time.perf_counter()
             record, pictures = self.record(output)
             self.audit.append({"request_id": rid, "model": self.identity, "record": record}, image_file=output.upload)
             self.metrics.verdicts.labels(record["label"]).inc()
-            return json_response({"request_id": rid, **record, **pictures}, 200, rid)
+            response = json_response({"request_id": rid, **record, **pictures}, 200, rid)
+            self.metrics.postprocess.observe(time.perf_counter() - start)
+            return response
         except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
             log.exception("request %s failed", rid)
             self.metrics.errors.labels("internal").inc()

@@ -36,9 +36,11 @@ def metrics() -> SimpleNamespace:
     - `verdicts` (counter; label OK/NG): predictions answered.
     - `errors` (counter; kind): rejected or failed requests by kind (`unauthorized`, `empty_body`,
       `unsupported_media_type`, `payload_too_large`, `image_too_large`, `not_an_image`, `bad_option`,
-      `queue_full`, `internal`).
+      `queue_full`, `storage`, `internal`).
     - `latency` (histogram, seconds; route): time from request to answer.
+    - `decode` (histogram, seconds): decoding and resizing one uploaded image in a model worker.
     - `inference` (histogram, seconds): one model forward pass of a batch.
+    - `postprocess` (histogram, seconds): the record (and pictures) of one answer, its audit line and JSON.
     - `batch_size` (histogram, images): images per forward pass of the dynamic batcher.
     - `queue_depth` (gauge): `/predict` requests accepted and not yet answered (all processes).
     """
@@ -49,7 +51,11 @@ def metrics() -> SimpleNamespace:
         verdicts=Counter("aoi_serve_verdicts", "Answered predictions by verdict", ["label"]),
         errors=Counter("aoi_serve_errors", "Rejected or failed requests by kind", ["kind"]),
         latency=Histogram("aoi_serve_request_latency_seconds", "Request latency", ["route"], buckets=LATENCY_BUCKETS),
+        decode=Histogram("aoi_serve_decode_seconds", "Decoding one uploaded image", buckets=LATENCY_BUCKETS),
         inference=Histogram("aoi_serve_inference_seconds", "Forward pass of one batch", buckets=LATENCY_BUCKETS),
+        postprocess=Histogram(
+            "aoi_serve_postprocess_seconds", "Record, audit line and JSON of one answer", buckets=LATENCY_BUCKETS
+        ),
         batch_size=Histogram("aoi_serve_batch_size", "Images per forward pass", buckets=BATCH_BUCKETS),
         queue_depth=Gauge(
             "aoi_serve_queue_depth", "Predict requests accepted and not yet answered", multiprocess_mode="livesum"
