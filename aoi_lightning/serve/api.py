@@ -257,9 +257,9 @@ class InspectionAPI(ls.LitAPI):
             return list(self.pool.map(self._decode, inputs))
         return [self._decode(job) for job in inputs]
 
-    def predict(self, x):
-        single = isinstance(x, Job)
-        jobs = self.batch([x]) if single else x
+    def predict(self, jobs: list[Job]) -> list[Job]:
+        """One forward pass over the decoded jobs of a batch (`FirstRequestLoop` hands over lists, whatever
+        `max_batch_size`); undecodable ones are passed through for their error answer."""
         good = [job for job in jobs if job.loaded is not None and not job.loaded.error]
         if good:
             start = time.perf_counter()
@@ -268,7 +268,7 @@ class InspectionAPI(ls.LitAPI):
             self.metrics.batch_size.observe(len(good))
             for job, score, amap in zip(good, scores, maps):
                 job.score, job.anomaly_map = float(score), amap
-        return jobs[0] if single else jobs
+        return jobs
 
     def unbatch(self, output: list[Job]) -> list[Job]:
         return output
