@@ -123,3 +123,21 @@ def test_aspect_ratio_of_very_tall_images_keeps_its_digits() -> None:
               "ignored_files": [], "problems": [], "num_problems": 0, "mask_size_mismatch": [], "empty_masks": [],
               "multi_level_masks": []}  # fmt: skip
     assert any("varies: 0.00167 to 600.00, median 1.00" in line for line in summary_lines(report))
+
+
+def test_good_folders_are_found_in_any_case(tiny_mvtec_root: Path, tmp_path: Path) -> None:
+    """`train/Good` and `test/Good` (as some tools write them) hold good images, not a defect type `Good`."""
+    from aoi_lightning.data.mvtec import scan_mvtec
+
+    root = tmp_path / "cased"
+    shutil.copytree(tiny_mvtec_root / "synthetic", root / "synthetic")
+    (root / "synthetic" / "train" / "good").rename(root / "synthetic" / "train" / "Good")
+    (root / "synthetic" / "test" / "good").rename(root / "synthetic" / "test" / "GOOD")
+    train_ref, test_ref = scan_mvtec(tiny_mvtec_root, "synthetic")
+    train, test = scan_mvtec(root, "synthetic")
+    assert len(train) == len(train_ref) and {s.defect_type for s in train} == {"good"}
+    assert sorted((s.label, s.defect_type) for s in test) == sorted((s.label, s.defect_type) for s in test_ref)
+    report, _ = check_category(root, "synthetic")
+    assert report["num_problems"] == 0, report["problems"]
+    assert report["counts"]["train"] == {"good": len(train)}
+    assert report["counts"]["test"]["good"] == sum(s.defect_type == "good" for s in test_ref)

@@ -220,7 +220,7 @@ def test_model_with_constant_scores_leaves_no_working_run(
 ) -> None:
     """A model that scores every image alike (here: the bank-of-one-row re-weighting forced back) stops the fit
     with one line; no thresholds.json and no checkpoint are written, so nothing can use the run."""
-    monkeypatch.setattr(PatchcoreModel, "_reweight", lambda self, p, s, i: s.amax(dim=1) * 0.0)
+    monkeypatch.setattr(PatchcoreModel, "_reweight", lambda self, p, s: s.amax(dim=1) * 0.0)
     argv = tiny_fit_argv(PATCHCORE, few_good_root, tmp_path, "constant", "--seed", "0")
     assert aoi_cli(argv) == 2
     line = _last_error_line(capsys, "fit")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from aoi_lightning.compare.table import RunSummary
+from aoi_lightning.data.image_io import is_good
 from aoi_lightning.fileio import read_jsonl
 from aoi_lightning.postprocess.render import write_png
 from aoi_lightning.report.gallery import (
@@ -99,7 +100,7 @@ def _candidates(runs: list[RunImages]) -> dict[str, dict]:
         if label is None:
             if Path(rec["image_path"]).parent.parent.name != "test":
                 continue  # an unlabelled image outside an MVTec test folder is no sample case
-            label = 0 if defect == "good" else 1
+            label = 0 if is_good(defect) else 1
         out[key] = {"image_path": rec["image_path"], "defect_type": defect, "gt_label": label}
     return out
 

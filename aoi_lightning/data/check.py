@@ -11,10 +11,13 @@ import cv2
 import numpy as np
 
 from aoi_lightning.data.image_io import (
+    GOOD,
     MAX_PIXELS,
     ImageReadError,
     binarise_mask,
+    good_folder,
     image_header,
+    is_good,
     is_image_file,
     mask_values,
     read_image_with_size,
@@ -125,7 +128,7 @@ def check_category(root: str | Path, category: str, mask_suffix: str = "_mask") 
     groups: list[GroupEntry] = []
     ignored: list[str] = []
     problems: list[str] = []
-    folders = [("train", base / "train" / "good")]
+    folders = [("train", good_folder(base / "train"))]
     test_dir = base / "test"
     if test_dir.is_dir():
         folders += [("test", p) for p in sorted(test_dir.iterdir()) if p.is_dir()]
@@ -142,11 +145,12 @@ def check_category(root: str | Path, category: str, mask_suffix: str = "_mask") 
                     f"{nested} image(s) in the subfolder {sub} are not used (only the top level of {folder})"
                 )
             ignored.append(f"{sub}/")
-        groups.append(GroupEntry(split, folder.name, [inspect_image(p) for p in list_images(folder)]))
+        kind = GOOD if is_good(folder.name) else folder.name
+        groups.append(GroupEntry(split, kind, [inspect_image(p) for p in list_images(folder)]))
     gt_root = base / "ground_truth"
     missing, orphans, mismatch, empty, unreadable_masks, multi_level = [], [], [], [], [], []
     for group in groups:
-        if group.split != "test" or group.defect_type == "good":
+        if group.split != "test" or group.defect_type == GOOD:
             continue
         masks, odd = masks_by_stem(gt_root / group.defect_type, mask_suffix)
         stems = {f.path.stem for f in group.images}
@@ -181,9 +185,10 @@ def check_category(root: str | Path, category: str, mask_suffix: str = "_mask") 
     unreadable += unreadable_masks
     counts: dict[str, dict[str, int]] = {}
     for g in groups:
-        counts.setdefault(g.split, {})[g.defect_type] = len(g.images)
-    if not counts.get("train", {}).get("good"):
-        problems.append(f"no training images in {base / 'train' / 'good'}")
+        split = counts.setdefault(g.split, {})
+        split[g.defect_type] = split.get(g.defect_type, 0) + len(g.images)
+    if not counts.get("train", {}).get(GOOD):
+        problems.append(f"no training images in {good_folder(base / 'train')}")
     if not any(n for t, n in counts.get("test", {}).items()):
         problems.append(f"no test images in {test_dir}")
     problems += [f"defective image without mask: {p}" for p in missing]

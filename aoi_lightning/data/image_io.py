@@ -45,6 +45,23 @@ RESULTS_MARKER = "preds.jsonl"
 RESULTS_COMPANION = "report.json"
 
 
+#: The folder of good images in `train/` and `test/` (matched without regard to case: `Good`, `GOOD`).
+GOOD = "good"
+
+
+def is_good(folder_name: str) -> bool:
+    """Whether a `train/` or `test/` subfolder holds good images (`good` in any case)."""
+    return folder_name.lower() == GOOD
+
+
+def good_folder(split_dir: Path) -> Path:
+    """`<split_dir>/good`, or the one subfolder named so in another case (`Good`) when that is what exists."""
+    exact = split_dir / GOOD
+    if exact.is_dir() or not split_dir.is_dir():
+        return exact
+    return next((p for p in sorted(split_dir.iterdir()) if p.is_dir() and is_good(p.name)), exact)
+
+
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files of a folder in sorted order (hidden files skipped).
 

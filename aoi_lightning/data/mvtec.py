@@ -13,7 +13,10 @@ import torch
 from torch.utils.data import Dataset
 
 from aoi_lightning.data.image_io import (  # noqa: F401 - list_images is part of this module's API
+    GOOD,
     ImageReadError,
+    good_folder,
+    is_good,
     is_image_file,
     list_images,
     read_mask,
@@ -63,7 +66,7 @@ def find_mask(gt_dir: Path, stem: str, mask_suffix: str) -> Path | None:
 
 
 def scan_mvtec(root: str | Path, category: str, mask_suffix: str = "_mask") -> tuple[list[Sample], list[Sample]]:
-    """Train (good) and test samples of `<root>/<category>`.
+    """Train (good) and test samples of `<root>/<category>`; `good` folders are matched in any case (`is_good`).
 
     Raises:
         DataError: missing root, unknown category (the message lists the available ones), no training images.
@@ -75,19 +78,19 @@ def scan_mvtec(root: str | Path, category: str, mask_suffix: str = "_mask") -> t
     if not base.is_dir():
         cats = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
         raise DataError(f"data.category: {category!r} not found in {root}; available: {', '.join(cats) or 'none'}")
-    train_dir = base / "train" / "good"
-    train = [Sample(str(p), 0, "good", None, "train") for p in list_images(train_dir)]
+    train_dir = good_folder(base / "train")
+    train = [Sample(str(p), 0, GOOD, None, "train") for p in list_images(train_dir)]
     if not train:
         raise DataError(f"data: no training images in {train_dir} (expected <root>/<category>/train/good/*.png)")
     test: list[Sample] = []
     test_dir = base / "test"
     if test_dir.is_dir():
         for sub in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-            defect = sub.name
-            masks = {} if defect == "good" else masks_by_stem(base / "ground_truth" / defect, mask_suffix)[0]
+            defect = GOOD if is_good(sub.name) else sub.name
+            masks = {} if defect == GOOD else masks_by_stem(base / "ground_truth" / defect, mask_suffix)[0]
             for path in list_images(sub):
-                if defect == "good":
-                    test.append(Sample(str(path), 0, "good", None, "test"))
+                if defect == GOOD:
+                    test.append(Sample(str(path), 0, GOOD, None, "test"))
                 else:
                     mask = masks.get(path.stem)
                     test.append(Sample(str(path), 1, defect, str(mask) if mask else None, "test"))

@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from aoi_lightning.data.image_io import GOOD
 from aoi_lightning.data.preprocess import crop_box
 from aoi_lightning.metrics.pixel_curves import PixelHistograms, pixel_aupro, pixel_auroc
 from aoi_lightning.postprocess.prediction import content_score
-
-GOOD = "good"
 
 
 def _clean(value: float) -> float | None:
