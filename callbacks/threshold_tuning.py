@@ -27,7 +27,7 @@ class ThresholdTuning(pl.Callback):
     """Tunes thresholds on the validation split and stores them as model buffers and in `thresholds.json`.
 
     Args:
-        method: `f1` (image F1 / pixel F1-or-IoU on validation), `quantile` (quantiles of the good training
+        method: `f1` (image F1 / pixel F1-or-IoU on validation), `quantile` (quantiles of the good validation
             images' scores) or `conformal` (good-only calibration: false-reject rate <= alpha on good parts).
         pixel_metric: `f1` or `iou` for the pixel threshold with method `f1`.
         quantile_image: image-score quantile with method `quantile`.
@@ -36,7 +36,9 @@ class ThresholdTuning(pl.Callback):
 
     Fallbacks (logged as warnings, recorded in thresholds.json `note`): a validation split with only good
     images uses the conformal rule with `alpha` on them; a split with only defective images takes the pixel
-    threshold from pixel F1 and the image threshold from the good training images' conformal bound.
+    threshold from pixel F1 and the image threshold from the conformal bound of good training images held out of
+    the fit (`mvtec.threshold_holdout`), as do `quantile` without good validation images and `val_split: none`.
+    Only when too few good images exist to hold any out are the fitted images used (`"in_sample": true`).
 
     Tie rule: NG when `score > threshold`, defective pixel when `value > threshold`; thresholds taken from an
     observed good score (conformal, quantile 1.0) therefore accept that score.
@@ -77,7 +79,7 @@ class ThresholdTuning(pl.Callback):
         if pl_module.model.has_thresholds or trainer.state.fn != "fit":
             return
         pl_module.ensure_fitted()  # callbacks' on_train_end runs before the module's
-        info = self._from_train(trainer, pl_module, note="no validation split")
+        info = self._from_good_images(trainer, pl_module, note="no validation split")
         pl_module.model.set_thresholds(info["image_threshold"], info["pixel_threshold"])
         pl_module.threshold_info = info
         if trainer.is_global_zero:
@@ -87,7 +89,7 @@ class ThresholdTuning(pl.Callback):
         collector = pl_module.synced_collector("val")  # the whole split under DDP
         recs = [r for r in collector.records if r["gt_label"] is not None]
         if not recs:
-            return self._from_train(trainer, pl_module, note="validation split has no labelled images")
+            return self._from_good_images(trainer, pl_module, note="validation split has no labelled images")
         scores = torch.tensor([r["pred_score"] for r in recs], dtype=torch.float64)
         labels = torch.tensor([r["gt_label"] for r in recs])
         if self.method != "quantile":
@@ -95,7 +97,10 @@ class ThresholdTuning(pl.Callback):
         maxima = torch.tensor([r["map_max"] for r in recs], dtype=torch.float64)
         n_good, n_bad = int((labels == 0).sum()), int((labels == 1).sum())
         if self.method == "quantile":
-            return self._from_train(trainer, pl_module, note="")
+            if n_good == 0:
+                return self._from_good_images(trainer, pl_module, note="validation split has no good images")
+            good = labels == 0
+            return self._quantiles(scores[good], maxima[good], split="val", n=n_good, note="")
         if self.method == "conformal" or n_bad == 0:
             note = "" if self.method == "conformal" else "validation split has only good images: conformal fallback"
             if note:
@@ -109,7 +114,7 @@ class ThresholdTuning(pl.Callback):
                 "image threshold from training images"
             )
             log.warning(note)
-            info = self._from_train(trainer, pl_module, note=note, conformal=True)
+            info = self._from_good_images(trainer, pl_module, note=note, conformal=True)
             if float(hist.pos.sum()) > 0 and float(hist.neg.sum()) > 0:
                 pix = best_pixel_threshold(hist, collector.hist.edges(), self.pixel_metric)
                 info["pixel_threshold"] = pix.threshold
@@ -153,26 +158,47 @@ class ThresholdTuning(pl.Callback):
             "note": note,
         }
 
-    def _from_train(
+    def _from_good_images(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, note: str, conformal: bool = False
     ) -> dict:
+        """Thresholds from good images outside the validation split: those held out of the fit for it
+        (`datamodule.holdout_dataloader`, split `holdout`); without any, the fitted images themselves (split
+        `train`, `"in_sample": true`, never `guaranteed`, with a warning: their scores are biased low)."""
         datamodule = trainer.datamodule
-        records, maxima = score_loader(pl_module.model, datamodule.train_eval_dataloader(), pl_module.device)
-        pl_module.train_records = records  # reused for preds_train.jsonl instead of scoring the images again
+        holdout = datamodule.holdout_dataloader() if hasattr(datamodule, "holdout_dataloader") else None
+        if holdout is not None:
+            records, maxima = score_loader(pl_module.model, holdout, pl_module.device)
+            split, in_sample = "holdout", False
+        else:
+            records, maxima = score_loader(pl_module.model, datamodule.train_eval_dataloader(), pl_module.device)
+            pl_module.train_records = records  # reused for preds_train.jsonl instead of scoring the images again
+            split, in_sample = "train", True
+            warning = (
+                "thresholds from the images the model was fitted on (too few good training images to hold any "
+                "out): their scores are biased low, so unseen good parts are rejected more often than intended"
+            )
+            log.warning(warning)
+            note = f"{note}; {warning}" if note else warning
         scores = torch.tensor([r["pred_score"] for r in records], dtype=torch.float64)
         check_score_spread(scores.numpy(), "training image")
         if conformal or self.method == "conformal":
-            info = self._conformal(scores, torch.tensor(maxima, dtype=torch.float64), "train", len(records), note)
-            return info
+            info = self._conformal(scores, torch.tensor(maxima, dtype=torch.float64), split, len(records), note)
+            info["guaranteed"] = bool(info["guaranteed"]) and not in_sample
+        else:
+            info = self._quantiles(scores, torch.tensor(maxima, dtype=torch.float64), split, len(records), note)
+        info["in_sample"] = in_sample
+        return info
+
+    def _quantiles(self, scores: torch.Tensor, maxima: torch.Tensor, split: str, n: int, note: str) -> dict:
         return {
             "image_threshold": quantile_threshold(scores.numpy(), self.quantile_image),
-            "pixel_threshold": quantile_threshold(maxima, self.quantile_pixel),
+            "pixel_threshold": quantile_threshold(maxima.numpy(), self.quantile_pixel),
             "method": "quantile",
             "metric": "quantile",
-            "split": "train",
+            "split": split,
             "value": self.quantile_image,
             "quantile_image": self.quantile_image,
             "quantile_pixel": self.quantile_pixel,
-            "num_images": len(records),
+            "num_images": n,
             "note": note,
         }

@@ -17,6 +17,7 @@ from aoi_lightning.data.mvtec import (
     apply_policy,
     list_images,
     scan_mvtec,
+    threshold_holdout,
 )
 from aoi_lightning.data.preprocess import RESIZE_MODES, Preprocessing, PreprocessingError, image_size_hw
 
@@ -71,7 +72,8 @@ class MVTecDataModule(pl.LightningDataModule):
             `same_as_test` (validation = test; optimistic), `calibration` (held-out good training images;
             good-only calibration) or `none`.
         val_fraction: fraction of each test defect type used for validation with `test_half`.
-        calibration_fraction: fraction of the good training images held out with `calibration`.
+        calibration_fraction: fraction of the good training images held out with `calibration`, and for the
+            thresholds when the validation split has no good image (`mvtec.threshold_holdout`).
         seed: seed of the splits.
         train_batch_size: batch size of the fit pass.
         eval_batch_size: batch size of validation, test and predict.
@@ -128,6 +130,8 @@ class MVTecDataModule(pl.LightningDataModule):
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
         self.test_samples: list[Sample] = []
+        #: good training images held out of the fit for the thresholds (`mvtec.threshold_holdout`)
+        self.holdout_samples: list[Sample] = []
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -152,6 +156,17 @@ class MVTecDataModule(pl.LightningDataModule):
         self.train_samples, self.val_samples, self.test_samples = apply_policy(
             train, test, self.val_split, self.val_fraction, self.calibration_fraction, self.seed
         )
+        self.train_samples, self.holdout_samples = threshold_holdout(
+            self.train_samples, self.val_samples, self.val_split, self.calibration_fraction, self.seed
+        )
+        if self.holdout_samples:
+            log.warning(
+                "no good image in the validation split: %d of the %d good training images are held out of the fit "
+                "to set the thresholds on (data.calibration_fraction); thresholds from the fitted images would "
+                "reject unseen good parts",
+                len(self.holdout_samples),
+                len(self.holdout_samples) + len(self.train_samples),
+            )
 
     def _loader(
         self, samples: list[Sample], batch_size: int, shard: bool = True, keep_originals: bool = False
@@ -198,8 +213,12 @@ class MVTecDataModule(pl.LightningDataModule):
         return self.test_dataloader(keep_originals=self.keep_originals)
 
     def train_eval_dataloader(self) -> DataLoader:
-        """The training images for scoring (preds_train.jsonl, quantile thresholds)."""
+        """The training images for scoring (preds_train.jsonl)."""
         return self._loader(self.train_samples, self.eval_batch_size, shard=False)
+
+    def holdout_dataloader(self) -> DataLoader | None:
+        """The good training images held out of the fit for the thresholds; None when there are none."""
+        return self._loader(self.holdout_samples, self.eval_batch_size, shard=False) if self.holdout_samples else None
 
     def summary(self) -> dict:
         """Data facts for meta.json."""
@@ -210,6 +229,7 @@ class MVTecDataModule(pl.LightningDataModule):
             "resize": self.resize,
             "val_split": self.val_split,
             "num_train": len(self.train_samples),
+            "num_holdout": len(self.holdout_samples),
             "num_val": len(self.val_samples),
             "num_test": len(self.test_samples),
         }

@@ -153,6 +153,31 @@ def apply_policy(
     return train, [], test
 
 
+#: fewest good training images a fit keeps when some are held out for the thresholds (PaDiM needs two)
+MIN_FIT_IMAGES = 2
+
+
+def threshold_holdout(
+    train: list[Sample], val: list[Sample], policy: str, calibration_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """(fit, held out): good training images held out of the fit to set the thresholds on, when the validation
+    split has no good image (`none`; a test folder without good images or without any image).
+
+    Thresholds taken from the images a model was fitted on are biased low: PaDiM's per-position Gaussian and
+    PatchCore's memory bank describe exactly those images, so their scores lie far below those of unseen good
+    parts (a PaDiM fit on 20 images: 4.3 in-sample against 400-775 on unseen good parts), and such a threshold
+    rejects every good part. The held-out images are chosen as with `calibration` (a seeded
+    `calibration_fraction`, at least one); none are held out when the fit would keep fewer than
+    `MIN_FIT_IMAGES`, or when the validation split has good images (or is `calibration` itself).
+    """
+    if policy == "calibration" or any(s.label == 0 for s in val):
+        return train, []
+    held, fit = stratified_split(train, calibration_fraction, seed)
+    if not held or len(fit) < MIN_FIT_IMAGES:
+        return train, []
+    return fit, held
+
+
 class AnomalyDataset(Dataset):
     """Samples -> dicts of tensors. Unreadable images give an `error` string and a blank image, not an exception.
 
