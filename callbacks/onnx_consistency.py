@@ -14,6 +14,7 @@ from aoi_lightning.export.consistency import (
     DEFAULT_MAP_TOL,
     DEFAULT_SAMPLE_SIZE,
     DEFAULT_SCORE_TOL,
+    NO_TEST_IMAGES,
     ConsistencyError,
     ConsistencyFailed,
     check_consistency,
@@ -80,7 +81,13 @@ class OnnxConsistencyCheck(pl.Callback):
         samples = getattr(trainer.datamodule, "test_samples", None)
         if samples is None:
             raise ConsistencyError("OnnxConsistencyCheck needs a datamodule with test_samples (e.g. MVTecDataModule)")
-        # rank zero checks the whole test set (not its DDP shard), made into model inputs as `aoi run` makes them
+        # rank zero checks the whole test set (not its DDP shard), made into model inputs as `aoi run` makes them;
+        # a data set without test images is checked on its other images (the check compares two models)
+        source = "test folder"
+        if not samples:
+            dm = trainer.datamodule
+            samples = [*dm.val_samples, *getattr(dm, "holdout_samples", []), *dm.train_samples]
+            source = NO_TEST_IMAGES
         available = [s.image_path for s in samples]
         paths, sample = spread_over_defect_types(available, self.max_images)
         images = image_batches(paths, fit_preprocessing(trainer, pl_module))
@@ -100,7 +107,7 @@ class OnnxConsistencyCheck(pl.Callback):
             {
                 "model": getattr(pl_module, "model_name", None),
                 "run_id": onnx_path.parent.parent.name,
-                "images": "test folder",
+                "images": source,
                 "num_available": len(available),
                 "sample": sample,
                 "created_at": utc_now(),

@@ -56,3 +56,24 @@ def test_thresholds_never_come_from_the_fitted_images_when_others_exist(
         predictor = load_predictor("torch", run, "cpu")
         report = run_folder(predictor, good_test, tmp_path / "out", OutputOptions(), progress=False)
         assert report["num_ok"] >= 1, report
+
+
+def test_a_data_set_without_test_images_fits_exports_and_checks_the_export(
+    tiny_mvtec_root, tmp_path, aoi_cli, tiny_fit_argv
+):
+    """Only train/good (a new line's first data set): the fit sets its thresholds on held-out good images, writes
+    no test metrics, and checks the ONNX export on the training images instead of stopping after the export."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_mvtec_root / "synthetic" / "train", root / "synthetic" / "train")
+    argv = tiny_fit_argv("aoi_lightning.models.Patchcore", root, tmp_path / "runs", "trainonly")
+    assert aoi_cli(argv) == 0
+    run = tmp_path / "runs" / "patchcore" / "synthetic" / "trainonly"
+    assert (run / "weights" / "model.ckpt").is_file() and not (run / "metrics.json").exists()
+    assert json.loads((run / "thresholds.json").read_text(encoding="utf-8"))["split"] == "holdout"
+    consistency = json.loads((run / "export" / "consistency.json").read_text(encoding="utf-8"))
+    assert consistency["status"] == "PASSED" and consistency["images"] == "training images (no test images)"
+    assert aoi_cli(["consistency", "--run_dir", str(run)]) == 0  # the command takes the same images
+    again = json.loads((run / "export" / "consistency.json").read_text(encoding="utf-8"))
+    assert again["images"] == consistency["images"] and again["num_available"] == 12

@@ -11,6 +11,7 @@ from aoi_lightning.export.consistency import (
     DEFAULT_IOU_TOL,
     DEFAULT_MAP_TOL,
     DEFAULT_SCORE_TOL,
+    NO_TEST_IMAGES,
     ConsistencyError,
     check_consistency,
     image_batches,
@@ -53,8 +54,10 @@ def _stale_preprocessing(meta: dict, module) -> list[str]:
     return []
 
 
-def run_test_image_paths(data_config: dict) -> list[str]:
-    """The test images of a run's data config: `<root>/<category>/test` (the synthetic set when root is null)."""
+def run_check_images(data_config: dict) -> tuple[list[str], str]:
+    """The images to check a run's export on, and what they are: the test images of its data config
+    (`<root>/<category>/test`; the synthetic set when root is null), or its good training images when the data set
+    has no test image (the check compares the two models, any image of the parts does)."""
     from aoi_lightning.data.mvtec import scan_mvtec
 
     root = data_config.get("root")
@@ -63,10 +66,10 @@ def run_test_image_paths(data_config: dict) -> list[str]:
         from aoi_lightning.data.synthetic import ensure_synthetic
 
         root = ensure_synthetic(category=category)
-    _, test = scan_mvtec(root, category, str(data_config.get("mask_suffix", "_mask")))
-    if not test:
-        raise ConsistencyError(f"no test images under {Path(root) / category / 'test'}")
-    return [s.image_path for s in test]
+    train, test = scan_mvtec(root, category, str(data_config.get("mask_suffix", "_mask")))
+    if test:
+        return [s.image_path for s in test], "test folder"
+    return [s.image_path for s in train], NO_TEST_IMAGES
 
 
 def consistency_run(
@@ -110,7 +113,7 @@ def consistency_run(
     if module.model.has_thresholds:  # a thresholds.json that `aoi run` would refuse is refused here too
         check_module_thresholds(module, info.run)
     failed = _stale_thresholds(meta, module.model) + _stale_preprocessing(meta, module)
-    available = run_test_image_paths(info.config.get("data") or {})
+    available, source = run_check_images(info.config.get("data") or {})
     paths, sample = spread_over_defect_types(available, max_images)
     images = image_batches(paths, module.preprocessing, batch_size)
     result = check_consistency(
@@ -132,7 +135,7 @@ def consistency_run(
             "model": info.model_name,
             "category": info.category,
             "run_id": info.run.path.name,
-            "images": "test folder",
+            "images": source,
             "num_available": len(available),
             "sample": sample,
             "created_at": utc_now(),

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: A batch of model inputs (B, 3, H, W) float in [0, 1].
 Batch = torch.Tensor | np.ndarray
+#: what `consistency.json` says the images were when a data set has no test image
+NO_TEST_IMAGES = "training images (no test images)"
 
 DEFAULT_SCORE_TOL = 1e-3
 DEFAULT_MAP_TOL = 1e-3
