@@ -136,3 +136,19 @@ def test_compare_user_errors(aoi_cli, padim_run: Path, tmp_path: Path, capsys) -
     code = aoi_cli(["compare", "--run_dir_a", padim_run, "--run_dir_b", tmp_path / "nope", "--output_dir", tmp_path])
     err = capsys.readouterr().err
     assert code == 2 and "run directory not found" in err and "Traceback" not in err
+
+
+def test_runs_on_different_data_are_noted(aoi_cli, compared, padim_run: Path, tmp_path: Path) -> None:
+    """Same category name, another data root (e.g. another line's images): the table says the metrics differ in
+    what they measure; runs of one data set get no such note."""
+    import json
+
+    _, b, out = compared
+    assert "different data" not in (out / "comparison_table.md").read_text(encoding="utf-8")
+    other = _copy(padim_run, tmp_path / "other")
+    meta = json.loads((other / "meta.json").read_text(encoding="utf-8"))
+    meta["data"]["root"] = "/lines/line2/images"
+    (other / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    assert aoi_cli(["compare", "--run_dir_a", other, "--run_dir_b", b, "--output_dir", tmp_path / "out"]) == 0
+    table = (tmp_path / "out" / "comparison_table.md").read_text(encoding="utf-8")
+    assert "fitted and tested on different data (" in table and "/lines/line2/images" in table

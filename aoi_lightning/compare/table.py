@@ -251,6 +251,12 @@ def run_notes(runs: list[RunSummary]) -> list[str]:
     for attr, what in (("category", "categories"), ("image_size", "input sizes")):
         if len({str(getattr(r, attr)) for r in runs}) > 1:
             notes.append(f"The runs have different {what}: the metrics are not directly comparable.")
+    roots = {str((r.meta.get("data") or {}).get("root")) for r in runs if (r.meta.get("data") or {}).get("root")}
+    if len(roots) > 1:
+        notes.append(
+            f"The runs were fitted and tested on different data ({', '.join(sorted(roots))}): the metrics are not "
+            "directly comparable."
+        )
     policies = {str(r.metrics.get("split_policy")) for r in runs if r.metrics}
     if len(policies) > 1:
         notes.append(f"The runs use different split policies ({', '.join(sorted(policies))}).")
