@@ -195,6 +195,18 @@ def test_seed_makes_fit_reproducible(patchcore_run: Path, tiny_mvtec_root, tiny_
         assert (again / name).read_text() == (patchcore_run / name).read_text(), name
 
 
+def test_a_second_fit_into_a_run_is_refused(patchcore_run: Path, tiny_mvtec_root, aoi_cli, tiny_fit_argv, capsys):
+    """The same --run_id again (a re-run script, a re-fit on new data) would put a new model beside the first
+    one's predictions and evaluations, and replace a model a line may use: one line, exit 2, nothing touched."""
+    files = {p: p.read_bytes() for p in patchcore_run.rglob("*") if p.is_file()}
+    runs_root = patchcore_run.parents[2]
+    argv = tiny_fit_argv("aoi_lightning.models.Patchcore", tiny_mvtec_root, runs_root, patchcore_run.name)
+    assert aoi_cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a run" in err and "--run_id" in err
+    assert {p: p.read_bytes() for p in patchcore_run.rglob("*") if p.is_file()} == files
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [

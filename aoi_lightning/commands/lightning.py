@@ -19,6 +19,7 @@ from aoi_lightning.fileio import write_text_atomic
 from aoi_lightning.models.lightning_base import AnomalyModule
 from aoi_lightning.rundir.artifacts import write_eval_outputs, write_fit_checkpoint, write_fit_outputs
 from aoi_lightning.rundir.layout import RunDir, new_run_id, unique_name
+from aoi_lightning.rundir.loading import RunError
 
 log = logging.getLogger("aoi_lightning")
 
@@ -36,6 +37,11 @@ MODEL_HELP = (
     "aoi_lightning.models.Patchcore works too), and `aoi {command} --config FILE --print_config` prints a whole "
     "resolved config."
 )
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether `folder` exists with a file anywhere below it (empty folders left by a failed start do not count)."""
+    return folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -160,6 +166,12 @@ class AoiCLI(LightningCLI):
         run = RunDir.from_checkpoint(ckpt) if ckpt and self.subcommand != "fit" else None
         if run is None:
             run = RunDir.create(cfg.runs_root, model_name, cfg.data.category, run_id)
+            if self.subcommand == "fit" and inherited is None and _holds_files(run.path):
+                # a second fit into a run would mix its files with the first's (a model beside another's
+                # predictions and evaluations), and replace a model a line may be using
+                raise RunError(
+                    f"{run.path} already holds a run: choose another --run_id, or remove the folder to fit it again"
+                )
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 root = Path(cfg.runs_root).expanduser()
                 chain = [run.path, *run.path.parents[: len(run.path.relative_to(root).parts)]]
