@@ -195,3 +195,12 @@ def sha256_of(path: str | Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def is_same_or_above(folder: str | Path, start: str | Path) -> bool:
+    """Whether `folder` exists and is `start` or one of its parents as the file system sees it (case-insensitive
+    disks, bind mounts), not only by name."""
+    folder, start = Path(folder).expanduser(), Path(start).expanduser().resolve()
+    if not folder.is_dir():
+        return False
+    return any(os.path.samefile(folder, above) for above in (start, *start.parents))

@@ -290,6 +290,17 @@ def test_user_mistakes_are_one_line(tiny_onnx_run: Path, tmp_path: Path):
     assert res.stderr.strip().splitlines()[-1] == "aoi watch: error: --settle_seconds must be >= 0, got -1.0"
     assert not (tmp_path / "out").exists()
     assert os.listdir(tmp_path / "in") == []
+    for out in (tmp_path / "in", tmp_path):  # the input folder itself, or a folder above it: nothing would be seen
+        res = subprocess.run(
+            aoi_argv("watch", "--model_dir", tiny_onnx_run, "--input_dir", tmp_path / "in", "--output_dir", out,
+                     "--backend", "onnx", "--max_idle_seconds", "1"),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 2
+        assert res.stderr.strip().splitlines() == [
+            f"aoi watch: error: --output_dir {out} is --input_dir or holds it: the watcher leaves that folder out, "
+            "so no image would ever be inspected; choose another folder (a subfolder of --input_dir is fine)"
+        ]
 
 
 def test_restart_with_other_settings_is_refused_and_keeps_the_results(tiny_onnx_run: Path, tmp_path: Path):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Literal
 
 from aoi_lightning.data.image_io import IMAGE_EXTENSIONS, list_images
-from aoi_lightning.fileio import check_output_dir
+from aoi_lightning.fileio import check_output_dir, is_same_or_above
 from aoi_lightning.inference.folder import load_predictor, run_folder
 from aoi_lightning.postprocess.outputs import PREDS_FILE, REPORT_JSON, OutputOptions
 
@@ -28,14 +27,6 @@ def collect_images(input_dir: Path, output_dir: Path, recursive: bool) -> list[P
     `output_dir` (earlier results)."""
     out = output_dir.resolve()
     return [p for p in list_images(input_dir, recursive) if not p.resolve().is_relative_to(out)]
-
-
-def _same_folder_above(folder: Path, start: Path) -> bool:
-    """Whether `folder` exists and is `start` or one of its parents as the file system sees it (case-insensitive
-    disks, bind mounts), not only by name."""
-    if not folder.is_dir():
-        return False
-    return any(os.path.samefile(folder, above) for above in (start, *start.parents))
 
 
 def no_images_message(input_dir: Path, output_dir: Path, recursive: bool) -> str:
@@ -115,7 +106,7 @@ def run(
     except ValueError as exc:
         raise RunnerError(f"--{exc}") from exc
     input_root = inputs.resolve()
-    if _same_folder_above(outputs, input_root):
+    if is_same_or_above(outputs, input_root):
         raise RunnerError(
             f"--output_dir {outputs} is --input_dir or holds it: its images would be left out as earlier results; "
             "choose another --output_dir (a subfolder of --input_dir is fine)"

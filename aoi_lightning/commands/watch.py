@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Literal
 
-from aoi_lightning.fileio import check_output_dir
+from aoi_lightning.fileio import check_output_dir, is_same_or_above
 from aoi_lightning.inference.folder import load_predictor
 from aoi_lightning.postprocess.outputs import PREDS_FILE, REPORT_JSON, OutputOptions
 from aoi_lightning.watch.hotfolder import HotFolder, WatchOptions
@@ -103,6 +103,11 @@ def watch(
     for option, folder in (("output_dir", output_dir), ("done_dir", done_dir), ("error_dir", error_dir)):
         if folder is not None:
             check_output_dir(folder, option)
+            if is_same_or_above(folder, inp):
+                raise WatchError(
+                    f"--{option} {folder} is --input_dir or holds it: the watcher leaves that folder out, so no "
+                    "image would ever be inspected; choose another folder (a subfolder of --input_dir is fine)"
+                )
     predictor = load_predictor(backend, model_dir, device)
     try:
         hot = HotFolder(predictor, inp, output_dir, output_options, done_dir, error_dir, options)
