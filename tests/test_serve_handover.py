@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from aoi_lightning.serve.api import FirstRequestLoop, upload_path
-from aoi_lightning.serve.gate import Gate
+from aoi_lightning.serve.gate import Gate, GateError, parse_options
 
 pytestmark = pytest.mark.torchfree
 
@@ -161,3 +161,27 @@ def test_first_request_loop_waits_for_a_request_then_for_batch_timeout(monkeypat
     batch, _ = loop.get_batch_requests(lit_api(8, 0.5), requests, None)
     assert [uid for _, uid, _ in batch] == ["first", "second"]  # the window opened with the first request
     assert time.monotonic() - start >= 0.45
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"min_defect_aera": "100"}, "unknown option 'min_defect_aera' (did you mean min_defect_area?)"),
+        ({"pixel_treshold_mult": "5"}, "unknown option 'pixel_treshold_mult' (did you mean pixel_threshold_mult?)"),
+        ({"pixel_threshold_mult": "1e308"}, "pixel_threshold_mult must be a positive number up to 1e+06"),
+        ({"pixel_threshold_mult": "nan"}, "pixel_threshold_mult must be a positive number"),
+        ({"min_defect_area": "-3"}, "min_defect_area must be >= 0"),
+        ({"return_mask": "maybe"}, "return_mask must be true or false"),
+    ],
+)
+def test_options_are_checked_by_name_and_range(fields, message):
+    """A misspelt option is refused (it would be answered with the defaults), and the ranges are `aoi run`'s."""
+    with pytest.raises(GateError) as caught:
+        parse_options(fields)
+    assert caught.value.status == 400 and caught.value.kind == "bad_option" and message in str(caught.value)
+    assert parse_options({"filename": "a.png", "pixel_threshold_mult": "0.5", "return_mask": "yes"}) == {
+        "pixel_threshold_mult": 0.5,
+        "min_defect_area": 0,
+        "return_mask": True,
+        "return_overlay": False,
+    }

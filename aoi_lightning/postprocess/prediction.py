@@ -44,6 +44,11 @@ __all__ = [
 EXTRA_THRESHOLD_KEYS = ("quantile_image", "quantile_pixel")
 
 
+#: largest pixel threshold multiplier (a threshold a million times the tuned one finds nothing; larger values could
+#: overflow float32)
+MAX_PIXEL_THRESHOLD_MULT = 1e6
+
+
 @dataclass(frozen=True)
 class OutputOptions:
     """What to write per image.
@@ -61,8 +66,11 @@ class OutputOptions:
     save_overlays: bool = True
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.pixel_threshold_mult) and self.pixel_threshold_mult > 0):
-            raise ValueError(f"pixel_threshold_mult must be a positive number, got {self.pixel_threshold_mult}")
+        mult = self.pixel_threshold_mult
+        if not (math.isfinite(mult) and 0 < mult <= MAX_PIXEL_THRESHOLD_MULT):
+            raise ValueError(
+                f"pixel_threshold_mult must be a positive number up to {MAX_PIXEL_THRESHOLD_MULT:g}, got {mult}"
+            )
         if self.min_defect_area < 0:
             raise ValueError(f"min_defect_area must be >= 0, got {self.min_defect_area}")
 

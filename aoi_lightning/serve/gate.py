@@ -22,9 +22,9 @@ Every refusal is a one-line JSON error:
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hmac
 import json
-import math
 import os
 import time
 import uuid
@@ -32,6 +32,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 from aoi_lightning.data.image_io import image_header
+from aoi_lightning.postprocess.prediction import OutputOptions
 from aoi_lightning.serve.api import error_body, upload_path
 from aoi_lightning.serve.metrics import metrics
 
@@ -64,22 +65,30 @@ class GateError(Exception):
         self.status, self.kind, self.headers = status, kind, headers or {}
 
 
+#: the options of `POST /predict` (query parameters or form fields), besides `filename`
+OPTIONS = ("pixel_threshold_mult", "min_defect_area", "return_mask", "return_overlay")
+
+
 def parse_options(fields: dict[str, str]) -> dict:
-    """`pixel_threshold_mult` (> 0), `min_defect_area` (>= 0), `return_mask`, `return_overlay` (booleans) from
-    query or form fields; GateError 400 for a bad value."""
+    """`pixel_threshold_mult` (> 0, at most `MAX_PIXEL_THRESHOLD_MULT`), `min_defect_area` (>= 0), `return_mask`,
+    `return_overlay` (booleans) from query or form fields; GateError 400 for a bad value or an unknown name (a
+    misspelt option would otherwise be answered with the defaults)."""
+    unknown = sorted(set(fields) - set(OPTIONS) - {"filename"})
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], OPTIONS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise GateError(
+            400, "bad_option", f"unknown option {unknown[0]!r}{hint}; options: {', '.join(OPTIONS)}, filename"
+        )
     opts: dict = {"pixel_threshold_mult": 1.0, "min_defect_area": 0, "return_mask": False, "return_overlay": False}
     try:
         if "pixel_threshold_mult" in fields:
             opts["pixel_threshold_mult"] = float(fields["pixel_threshold_mult"])
         if "min_defect_area" in fields:
             opts["min_defect_area"] = int(fields["min_defect_area"])
+        OutputOptions(opts["pixel_threshold_mult"], opts["min_defect_area"])  # the ranges `aoi run` accepts
     except ValueError as exc:
         raise GateError(400, "bad_option", f"bad option value: {exc}") from exc
-    mult = opts["pixel_threshold_mult"]
-    if not (math.isfinite(mult) and mult > 0):
-        raise GateError(400, "bad_option", f"pixel_threshold_mult must be a positive number, got {mult}")
-    if opts["min_defect_area"] < 0:
-        raise GateError(400, "bad_option", f"min_defect_area must be >= 0, got {opts['min_defect_area']}")
     for key in ("return_mask", "return_overlay"):
         value = str(fields.get(key, "")).strip().lower()
         if value not in TRUE + FALSE:
