@@ -9,6 +9,7 @@ cleanly.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import signal
@@ -372,3 +373,19 @@ def test_audit_log_keeps_days_and_ng_images(tmp_path, monkeypatch):
         "audit-2026-01-03.jsonl",
     ]
     assert not (tmp_path / "ng" / "2026-01-01").exists()  # pruned with its day
+
+
+def test_audit_log_follows_its_file_when_it_is_moved_or_deleted(tmp_path):
+    """Log archiving moves or deletes the day's file: the next line goes to a new file under the day's name,
+    not to the moved file or to a deleted inode nobody can read."""
+    log = AuditLog(tmp_path / "audit")
+    log.append({"request_id": "a" * 32})
+    (day_file,) = (tmp_path / "audit").glob("audit-*.jsonl")
+    day_file.rename(tmp_path / "archived.jsonl")
+    log.append({"request_id": "b" * 32})
+    assert [line["request_id"] for line in read_audit(tmp_path / "audit")] == ["b" * 32]
+    shutil.rmtree(tmp_path / "audit")
+    log.append({"request_id": "c" * 32})
+    log.close()
+    assert [line["request_id"] for line in read_audit(tmp_path / "audit")] == ["c" * 32]
+    assert [json.loads(x)["request_id"] for x in (tmp_path / "archived.jsonl").read_text().splitlines()] == ["a" * 32]

@@ -50,12 +50,25 @@ class AuditLog:
         return self.folder / f"audit-{day}.jsonl"
 
     def _open(self, day: str) -> int:
-        if day != self._day:
-            self.close()
-            self._fd = os.open(self.path_for(day), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            self._day = day
+        """The day's file, opened again when its name no longer leads to the open file (moved or deleted by log
+        archiving: lines would go to a file nobody reads)."""
+        if day == self._day and self._still_named():
+            return self._fd
+        new_day = day != self._day
+        self.close()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path_for(day), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._day = day
+        if new_day:
             self._prune(day)
         return self._fd
+
+    def _still_named(self) -> bool:
+        try:
+            named, held = os.stat(self.path_for(self._day)), os.fstat(self._fd)
+        except OSError:
+            return False
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
     def _prune(self, today: str) -> None:
         if self.keep_days == 0:
