@@ -185,3 +185,51 @@ def test_options_are_checked_by_name_and_range(fields, message):
         "return_mask": True,
         "return_overlay": False,
     }
+
+
+def test_a_stalled_upload_holds_no_place_in_the_queue_and_times_out(tmp_path):
+    """A client that sends its headers and then nothing (a hung camera PC, a half-open connection) gets 408
+    after the body timeout, and meanwhile a full request passes even with a queue of one."""
+    answered = []
+
+    async def app(scope, receive, send):
+        await receive()
+        answered.append(True)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    gate = Gate(app, None, 1 << 20, 10_000_000, 1, Counter(), str(tmp_path), body_timeout=0.5)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/predict",
+        "query_string": b"",
+        "headers": [(b"content-type", b"image/png"), (b"content-length", b"5000")],
+    }
+
+    async def stalled_receive():
+        await asyncio.sleep(30)
+
+    async def both():
+        statuses = {}
+
+        async def stalled():
+            sent = []
+
+            async def send(message):
+                sent.append(message)
+
+            await gate(scope, stalled_receive, send)
+            statuses["stalled"] = next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+        async def normal():
+            await asyncio.sleep(0.1)  # while the stalled one waits for its body
+            statuses["normal"] = await asyncio.to_thread(call, gate, png())
+
+        await asyncio.gather(stalled(), normal())
+        return statuses
+
+    statuses = asyncio.run(both())
+    assert statuses["stalled"] == 408
+    assert statuses["normal"][0] == 200 and answered == [True]
+    assert gate.in_flight.value == 0 and list(tmp_path.iterdir()) == []

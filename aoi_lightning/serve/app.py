@@ -49,6 +49,7 @@ def build_server(
                     "max_queue": max_queue,
                     "in_flight": in_flight,
                     "upload_dir": api.upload_dir,
+                    "body_timeout": request_timeout,
                 },
             )
         ],

@@ -15,12 +15,14 @@ Every refusal is a one-line JSON error:
 | 413 | payload_too_large, image_too_large | body over the upload limit; image header over the pixel limit |
 | 415 | unsupported_media_type | a content type other than raw bytes, `image/*` or multipart |
 | 422 | not_an_image | not a PNG/JPEG/BMP/TIFF/WebP header (the worker answers 422 for truncated/corrupt ones) |
+| 408 | upload_timeout | the body did not arrive within the body timeout (`--request_timeout`) |
 | 503 | queue_full | `max_queue` requests already waiting (with `Retry-After`) |
 | 507 | storage | the upload could not be stored for the model worker (disk full) |
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import difflib
 import hmac
@@ -109,13 +111,24 @@ class Gate:
         max_queue: `/predict` requests accepted and not yet answered, over all API-server processes.
         in_flight: a shared `multiprocessing.Value("i")` counting them (shared by the forked API servers).
         upload_dir: folder the uploads are handed to the model workers in (`upload_path`).
+        body_timeout: seconds a request's body may take to arrive (408 after); only then does it take a place in
+            the queue.
     """
 
     def __init__(
-        self, app, api_key, max_body_bytes: int, max_image_pixels: int, max_queue: int, in_flight, upload_dir: str
+        self,
+        app,
+        api_key,
+        max_body_bytes: int,
+        max_image_pixels: int,
+        max_queue: int,
+        in_flight,
+        upload_dir: str,
+        body_timeout: float = 30.0,
     ):
         self.app = app
         self.upload_dir = Path(upload_dir)
+        self.body_timeout = body_timeout
         self.api_key = api_key.encode("utf-8") if api_key else None
         self.max_body_bytes = max_body_bytes
         self.max_image_pixels = max_image_pixels
@@ -150,6 +163,13 @@ class Gate:
             if path != "/predict" or scope.get("method") != "POST":
                 await self.app(scope, receive, send_wrapped)
                 return
+            # the body first, within `body_timeout`: a stalled or slow client holds no place in the queue
+            try:
+                data, payload = await asyncio.wait_for(self._payload(scope, receive, request_id), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise GateError(
+                    408, "upload_timeout", f"the upload did not arrive within {self.body_timeout:g} s"
+                ) from None
             with self.in_flight.get_lock():
                 if self.in_flight.value >= self.max_queue:
                     raise GateError(
@@ -158,8 +178,12 @@ class Gate:
                 self.in_flight.value += 1
                 counted = True
             self.metrics.queue_depth.inc()
-            upload = upload_path(self.upload_dir, request_id)
-            payload = await self._payload(scope, receive, request_id, upload)
+            try:
+                with open(upload_path(self.upload_dir, request_id), "xb") as handle:  # a fresh name, never followed
+                    handle.write(data)
+            except OSError as exc:
+                raise GateError(507, "storage", f"cannot store the upload: {exc.strerror or exc}") from exc
+            del data
             body = json.dumps(payload).encode("utf-8")
             headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]
             headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -214,7 +238,8 @@ class Gate:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _payload(self, scope, receive, request_id: str, upload: Path) -> dict:
+    async def _payload(self, scope, receive, request_id: str) -> tuple[bytes, dict]:
+        """The checked image bytes of a request and the JSON payload for LitServe (GateError for a refusal)."""
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         fields = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
@@ -246,12 +271,7 @@ class Gate:
             raise GateError(
                 413, "image_too_large", f"image too large ({width}x{height} pixels > {self.max_image_pixels})"
             )
-        try:
-            with open(upload, "xb") as handle:  # a fresh name: never follows or overwrites an existing file
-                handle.write(data)
-        except OSError as exc:
-            raise GateError(507, "storage", f"cannot store the upload: {exc.strerror or exc}") from exc
-        return {
+        return data, {
             "request_id": request_id,
             "filename": filename.replace("\\", "/").rsplit("/", 1)[-1][:255] or "upload",
             "options": options,
