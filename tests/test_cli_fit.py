@@ -237,3 +237,11 @@ def test_config_typo_exit_2_naming_the_key(tiny_mvtec_root, tmp_path, aoi_cli, t
     assert code == 2
     assert "Traceback" not in err
     assert "data.image_size" in err
+
+
+@pytest.mark.parametrize("run_id", ["../../escape", "a/b", ".."])
+def test_a_run_id_is_a_folder_name(run_id, tiny_mvtec_root, tmp_path, aoi_cli, tiny_fit_argv, capsys) -> None:
+    argv = tiny_fit_argv("aoi_lightning.models.Patchcore", tiny_mvtec_root, tmp_path / "runs", run_id)
+    assert aoi_cli(argv) == 2
+    assert "a folder name is expected" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escape").exists()

@@ -161,6 +161,8 @@ class AoiCLI(LightningCLI):
         # processes that Lightning launches for DDP re-run this command: they take the launcher's run folder
         inherited = os.environ.get("AOI_RUN_ID") if os.environ.get("LOCAL_RANK", "0") != "0" else None
         run_id = cfg.get("run_id") or inherited or new_run_id()
+        if run_id in (".", "..") or any(sep in run_id for sep in ("/", "\\")) or run_id != run_id.strip():
+            raise RunError(f"--run_id {run_id!r}: a folder name is expected (no path separators, not . or ..)")
         cfg.run_id = run_id
         os.environ["AOI_RUN_ID"] = run_id
         run = RunDir.from_checkpoint(ckpt) if ckpt and self.subcommand != "fit" else None
