@@ -350,6 +350,38 @@ def test_damaged_run_is_refused_before_any_server_starts(aoi_cli, patchcore_run,
     assert expected in captured.err and len(captured.err.strip().splitlines()) == 1
 
 
+def test_mismatched_run_or_audit_folder_is_one_line_before_any_server_starts(
+    aoi_cli, patchcore_run, padim_run, tmp_path, capsys
+):
+    """What only loading the model finds (a checkpoint of another model, export metadata that the graph's own
+    contradicts) and an audit folder that is a file: one line, as `aoi run` says it, and nothing started."""
+    swapped = shutil.copytree(patchcore_run, tmp_path / "swapped")
+    shutil.copy(padim_run / "weights" / "model.ckpt", swapped / "weights" / "model.ckpt")
+    relabelled = shutil.copytree(patchcore_run, tmp_path / "relabelled")
+    meta_path = relabelled / "export" / "export_meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["run_id"] = "another-run"
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (swapped, "torch", [], "Padim"),
+        (relabelled, "onnx", [], "another-run"),
+        (patchcore_run, "onnx", ["--audit_dir", str(tmp_path / "afile")], "--audit_dir"),
+    ]
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    cases.append((patchcore_run, "onnx", ["--port", str(holder.getsockname()[1])], "cannot listen on 127.0.0.1"))
+    for run, backend, extra, expected in cases:
+        assert aoi_cli(["serve", "--model_dir", run, "--backend", backend, "--device", "cpu", *extra]) == 2
+        captured = capsys.readouterr()
+        assert "http://" not in captured.out, expected  # nothing was started
+        assert expected in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+    holder.close()
+
+
 def test_audit_log_keeps_days_and_ng_images(tmp_path, monkeypatch):
     import datetime as dt
 

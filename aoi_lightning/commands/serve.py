@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
+from aoi_lightning.fileio import check_output_dir
+
 log = logging.getLogger(__name__)
 
 #: Environment variable holding the API key (the key never goes on the command line).
@@ -26,7 +28,7 @@ def read_api_key(api_key_file: str | None) -> str | None:
     if api_key_file:
         path = Path(api_key_file).expanduser()
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of the key
         except (OSError, UnicodeDecodeError) as exc:
             raise ServeError(f"--api_key_file: cannot read {path}: {exc}") from exc
         key = text.strip().splitlines()[0].strip() if text.strip() else ""
@@ -45,16 +47,25 @@ def _check_model_dir(model_dir: Path, backend: str) -> None:
             raise ServeError(f"no ONNX export in {model_dir}: create it with `aoi export --run_dir {model_dir}`")
     elif not (model_dir / "weights" / "model.ckpt").is_file():
         raise ServeError(f"no checkpoint in {model_dir} (weights/model.ckpt): is it a trained run directory?")
-    # the files the workers will load, read here first: a damaged or mismatched run is one line before any
-    # server process starts (the onnx check hashes the graph; the torch one maps the checkpoint, no model built)
-    if backend in ("onnx", "openvino"):
-        from aoi_lightning.inference.onnx_backend import read_export
+    # the model is loaded here once, with every check `aoi run` makes (checkpoint and config of one model,
+    # thresholds.json, export metadata against the graph's own): a damaged or mismatched run is one line before
+    # any server process starts, not a worker's traceback
+    from aoi_lightning.inference.folder import load_predictor
 
-        read_export(model_dir)
-    else:
-        from aoi_lightning.rundir.loading import read_checkpoint, read_run_info
+    load_predictor(backend, str(model_dir), "cpu")  # built and dropped: the workers load their own
 
-        read_checkpoint(read_run_info(model_dir).run.checkpoint, mmap=True)
+
+def _check_port_free(host: str, port: int) -> None:
+    """ServeError when `host:port` cannot be bound (another service holds it), before any model is loaded."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ServeError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
 
 
 def _stop_on_signals(server) -> None:
@@ -161,6 +172,8 @@ def serve(
         raise ServeError("--batch_timeout must be >= 0; --request_timeout, --max_upload_mb, --max_image_pixels > 0")
     if audit_keep_days < 0:
         raise ServeError(f"--audit_keep_days must be >= 0, got {audit_keep_days}")
+    check_output_dir(audit_dir, "audit_dir")
+    _check_port_free(host, port)
     api_key = read_api_key(api_key_file)
     if host != "127.0.0.1" and api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)
