@@ -80,8 +80,17 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
 
 
 def read_json(path: str | Path) -> dict:
+    """The JSON object of a file.
+
+    Raises:
+        OSError: unreadable file.
+        ValueError: not valid UTF-8 JSON, or JSON that is not an object (e.g. a list where a run file is expected).
+    """
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        value = json.load(handle)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -157,7 +166,8 @@ def output_name(image_path: str | Path, root: str | Path | None = None) -> str:
 
     The path relative to `root` with folders joined by `__` and the extension dropped (`sub/0001.png` ->
     `sub__0001`). When that is not an exact, reversible rendering of `<rel>.png` (other extension, characters
-    outside [A-Za-z0-9._-], `__` in a part, a leading dot, a long path, or a file outside `root`), a short hash
+    outside [a-z0-9._-] (capitals included: names must differ on case-insensitive disks and shares too), `__` in
+    a part, a leading dot, a long path, or a file outside `root`), a short hash
     of the relative path is appended (`my_part-3f2a9c01d4`), so two different inputs never share a name. The
     result has no path separators and never starts with a dot.
     """
@@ -177,6 +187,7 @@ def output_name(image_path: str | Path, root: str | Path | None = None) -> str:
     friendly = "_" + friendly[1:] if friendly.startswith(".") else friendly
     exact = (
         not outside
+        and friendly == friendly.lower()  # `A.png` and `a.png` must not meet on a case-insensitive share
         and rel.suffix == ".png"
         and "/".join(friendly.split("__")) + ".png" == rel.as_posix()
         and all(p and "__" not in p for p in parts)

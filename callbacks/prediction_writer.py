@@ -161,6 +161,9 @@ class PredictionWriter(BasePredictionWriter):
         # An empty predict set skips the loop (and its hooks): still leave an empty preds.jsonl and report.
         if stage != "predict":
             return
+        if self._outputs is not None:  # a predict stopped by an error: its lines stay, the folder is released
+            self._outputs.close()
+            self._outputs = None
         datamodule = getattr(trainer, "datamodule", None)
         if getattr(datamodule, "keep_originals", False):
             datamodule.keep_originals = False

@@ -114,10 +114,10 @@ def test_output_names_are_unique_and_safe(tmp_path: Path) -> None:
     paths = [
         root / "a" / "0001.png", root / "b" / "0001.png", root / "0001.png", root / "0001.jpg", root / "a__0001.png",
         root / "sub dir" / "Prüfung 1.png", root / "sub_dir" / "Prüfung_1.png", root / ".hidden.png",
-        root / ("x" * 200) / "y.png",
+        root / ("x" * 200) / "y.png", root / "A.png", root / "a.png",
     ]  # fmt: skip
     names = [output_name(p, root) for p in paths]
-    assert len(set(names)) == len(names)
+    assert len({n.lower() for n in names}) == len(names)  # unique on case-insensitive disks and shares too
     assert all(SAFE.match(n) and len(n) < 200 for n in names), names
     assert names[0] == "a__0001" and names[2] == "0001"  # plain relative paths stay readable
     assert output_name(root / "a" / "0001.png", root) == names[0]  # deterministic

@@ -177,3 +177,80 @@ def test_run_folder_writes_in_input_order_and_raises_a_writer_error_keeping_earl
             run_folder(Constant(), paths, tmp_path / "bad", options, input_root=folder, batch_size=4, progress=False)
     kept = read_jsonl(tmp_path / "bad" / "preds.jsonl")
     assert [Path(r["image_path"]).name for r in kept] == names[:6]
+
+
+def test_a_symbolic_link_loop_is_an_error_record(aoi_cli, patchcore_run: Path, tiny_mvtec_root: Path, tmp_path: Path):
+    """`l1.png -> l2.png -> l1.png` among the images: one error record each, the real image inspected."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(next((tiny_mvtec_root / "synthetic" / "test" / "good").glob("*.png")), folder / "a.png")
+    (folder / "l1.png").symlink_to("l2.png")
+    (folder / "l2.png").symlink_to("l1.png")
+    argv = ["run", "--model_dir", patchcore_run, "--input_dir", folder, "--output_dir", tmp_path / "out"]
+    assert aoi_cli([*argv, "--backend", "onnx", "--device", "cpu", "--no_progress"]) == 0
+    records = {Path(r["image_path"]).name: r for r in read_jsonl(tmp_path / "out" / "preds.jsonl")}
+    assert sorted(records) == ["a.png", "l1.png", "l2.png"]
+    assert records["a.png"]["label"] in ("OK", "NG") and not records["a.png"].get("error")
+    assert all(records[n]["error"] for n in ("l1.png", "l2.png"))
+
+
+def test_an_output_folder_with_results_needs_resume_or_overwrite(
+    aoi_cli, patchcore_run: Path, inputs: Path, tmp_path: Path, capsys
+):
+    """A second `aoi run` into a folder that holds results (another model, another input) used to replace its
+    records and leave the earlier masks behind: now one line, nothing touched; `--overwrite` starts clean."""
+    out = tmp_path / "out"
+    argv = ["run", "--model_dir", patchcore_run, "--output_dir", out, "--backend", "onnx", "--no_progress"]
+    assert aoi_cli([*argv, "--input_dir", inputs]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(sorted(inputs.rglob("*.png"))[0], one / "only.png")
+    capsys.readouterr()
+    assert aoi_cli([*argv, "--input_dir", one]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds results" in err and "--overwrite" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert aoi_cli([*argv, "--input_dir", one, "--resume", "--overwrite"]) == 2
+    assert aoi_cli([*argv, "--input_dir", one, "--overwrite"]) == 0
+    records = read_jsonl(out / "preds.jsonl")
+    assert [Path(r["image_path"]).name for r in records] == ["only.png"]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [Path(records[0]["mask_path"]).name]
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == [Path(records[0]["overlay_path"]).name]
+
+
+def test_a_second_writer_of_one_output_folder_is_refused(tmp_path: Path) -> None:
+    """Two `aoi run` (or a run and a watcher) on one folder would mix their records in one preds.jsonl: the
+    second is refused while the first writes, and may go once the first has finished."""
+    from aoi_lightning.postprocess.outputs import OutputsInUse, PredictionOutputs
+    from aoi_lightning.postprocess.prediction import ModelFacts, OutputOptions
+
+    facts = ModelFacts("patchcore", "synthetic", (64, 64), 1.0, 1.0)
+    first = PredictionOutputs(tmp_path, facts, OutputOptions()).open()
+    with pytest.raises(OutputsInUse, match="in use by another aoi run or aoi watch"):
+        PredictionOutputs(tmp_path, facts, OutputOptions()).open(resume=True)
+    other = PredictionOutputs(tmp_path, facts, OutputOptions(), jsonl_name="preds_rank1.jsonl").open()
+    other.close()  # another records file of the same folder (a rank of a distributed predict) is free
+    first.close()
+    PredictionOutputs(tmp_path, facts, OutputOptions()).open(resume=True).close()
+
+
+def test_resume_refuses_a_damaged_record_before_any_work(
+    aoi_cli, patchcore_run: Path, inputs: Path, tmp_path: Path, capsys
+):
+    """A record of valid JSON but edited (`"label": 5`) used to crash the report after all the work was done."""
+    import json
+
+    out = tmp_path / "out"
+    argv = ["run", "--model_dir", patchcore_run, "--input_dir", inputs, "--output_dir", out, "--backend", "onnx"]
+    assert aoi_cli([*argv, "--no_progress"]) == 0
+    lines = (out / "preds.jsonl").read_text(encoding="utf-8").splitlines()
+    damaged = json.loads(lines[1])
+    damaged["label"] = 5
+    (out / "preds.jsonl").write_text("\n".join([lines[0], json.dumps(damaged)]) + "\n", encoding="utf-8")
+    report_before = (out / "report.json").read_bytes()
+    capsys.readouterr()
+    assert aoi_cli([*argv, "--no_progress", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "preds.jsonl record 2: `label` is not OK or NG" in err
+    assert (out / "report.json").read_bytes() == report_before

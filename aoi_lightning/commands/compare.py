@@ -15,7 +15,7 @@ from aoi_lightning.compare.table import (
     run_notes,
 )
 from aoi_lightning.fileio import write_json, write_text_atomic
-from aoi_lightning.rundir.loading import RunError
+from aoi_lightning.rundir.loading import RunError, run_files_checked
 from aoi_lightning.rundir.meta import utc_now
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,9 @@ def compare(
     Raises:
         RunError: fewer than two or more than 26 runs, the same run twice, a run without results (one line).
     """
-    report = compare_runs([run_dir_a, run_dir_b, *run_dirs], output_dir, render_missing, device)
+    dirs = [run_dir_a, run_dir_b, *run_dirs]
+    with run_files_checked("the compared runs (" + ", ".join(str(d) for d in dirs) + ")"):
+        report = compare_runs(dirs, output_dir, render_missing, device)
     out = Path(output_dir)
     print(f"compared {len(report['runs'])} runs: " + ", ".join(r["name"] for r in report["runs"]))
     for row in report["table"]:

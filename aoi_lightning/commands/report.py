@@ -9,7 +9,8 @@ from aoi_lightning.fileio import read_json, read_jsonl
 from aoi_lightning.progress import phase
 from aoi_lightning.report.build import OverlaySource, build_report_data, run_facts, write_report
 from aoi_lightning.report.gallery import image_key, prediction_overlays, read_bgr, render_model_overlays
-from aoi_lightning.rundir.loading import RunError, load_run_model, read_run_info
+from aoi_lightning.rundir.loading import RunError, load_run_model, read_run_info, run_files_checked
+from aoi_lightning.rundir.thresholds_file import THRESHOLD_NAMES, check_thresholds_file
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,17 @@ def report_from_run(run_dir: str | Path, gallery_size: int = 6, device: str = "c
     for split in ("test", "val"):
         if run.preds(split).is_file():
             records.extend(read_jsonl(run.preds(split)))
-    thresholds = read_json(run.thresholds) if run.thresholds.is_file() else dict(metrics.get("thresholds") or {})
-    with phase("report") as made:
+    measured = metrics.get("thresholds") if isinstance(metrics.get("thresholds"), dict) else {}
+    thresholds = check_thresholds_file(
+        run.thresholds,
+        {k: v for k, v in measured.items() if k in THRESHOLD_NAMES and isinstance(v, (int, float))},
+        "does not match the threshold the test metrics were computed at,",
+        "restore the file or run `aoi test` again",
+        RunError,
+        run.metrics,
+    )
+    thresholds = thresholds if thresholds is not None else dict(measured)
+    with phase("report") as made, run_files_checked(str(run.path)):
         path = _build_and_write(info, metrics, records, thresholds, gallery_size, device)
         made.detail = f"written to {path}"
     return path

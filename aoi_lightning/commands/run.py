@@ -10,7 +10,7 @@ from typing import Literal
 from aoi_lightning.data.image_io import IMAGE_EXTENSIONS, list_images
 from aoi_lightning.fileio import check_output_dir, is_same_or_above
 from aoi_lightning.inference.folder import load_predictor, run_folder
-from aoi_lightning.postprocess.outputs import PREDS_FILE, REPORT_JSON, OutputOptions
+from aoi_lightning.postprocess.outputs import PREDS_FILE, REPORT_JSON, OutputOptions, clear_results, holds_results
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,14 @@ def collect_images(input_dir: Path, output_dir: Path, recursive: bool) -> list[P
     """Images of `input_dir` (sorted; with `recursive` those of its subfolders too), leaving out anything inside
     `output_dir` (earlier results)."""
     out = output_dir.resolve()
-    return [p for p in list_images(input_dir, recursive) if not p.resolve().is_relative_to(out)]
+
+    def inside_output(path: Path) -> bool:
+        try:
+            return path.resolve().is_relative_to(out)
+        except (OSError, RuntimeError):  # a symbolic-link loop: kept, and judged as an unreadable file
+            return path.parent.resolve().is_relative_to(out)
+
+    return [p for p in list_images(input_dir, recursive) if not inside_output(p)]
 
 
 def no_images_message(input_dir: Path, output_dir: Path, recursive: bool) -> str:
@@ -54,6 +61,7 @@ def run(
     num_workers: int = 1,
     no_progress: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> int:
     """Judge every image of a folder OK/NG with a trained run and locate its defects.
 
@@ -76,6 +84,8 @@ def run(
         num_workers: image decoding threads that decode the next batch while the model runs (0: the main thread).
         no_progress: no progress bar.
         resume: continue an interrupted run in OUTPUT_DIR: keep its complete lines, predict only the other images.
+        overwrite: replace the results already in OUTPUT_DIR (preds.jsonl, report.json, settings.json and the
+            PNGs of masks/ and overlays/). Without --resume or --overwrite a folder holding results is refused.
 
     Returns:
         0 when at least one image was judged (unreadable files are error lines); 3 when none could be read.
@@ -94,6 +104,13 @@ def run(
         raise RunnerError(f"--model_dir: run directory not found: {model_dir}")
     if batch_size < 1:
         raise RunnerError(f"--batch_size must be >= 1, got {batch_size}")
+    if resume and overwrite:
+        raise RunnerError("--resume keeps the results in --output_dir and --overwrite replaces them: give one")
+    if not (resume or overwrite) and holds_results(outputs):
+        raise RunnerError(
+            f"--output_dir {outputs} already holds results ({PREDS_FILE}): add --resume to continue them, "
+            "--overwrite to replace them, or choose another folder"
+        )
     if num_workers < 0:
         raise RunnerError(f"--num_workers must be >= 0, got {num_workers}")
     try:
@@ -116,6 +133,8 @@ def run(
         raise RunnerError(no_images_message(input_root, outputs, recursive))
     check_output_dir(outputs)
     predictor = load_predictor(backend, model_dir, device)
+    if overwrite:
+        clear_results(outputs)
     report = run_folder(
         predictor,
         paths,

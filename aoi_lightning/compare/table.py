@@ -8,6 +8,7 @@ from pathlib import Path
 
 from aoi_lightning.fileio import read_json
 from aoi_lightning.rundir.loading import RunError, read_run_info
+from aoi_lightning.rundir.thresholds_file import THRESHOLD_NAMES, check_thresholds_file
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,19 @@ def load_summary(label: str, run_dir: str | Path) -> RunSummary:
     run = info.run
     missing: list[str] = []
     metrics = _read(run.metrics, missing)
-    thresholds = _read(run.thresholds, missing) or dict(metrics.get("thresholds") or {})
+    measured = metrics.get("thresholds") if isinstance(metrics.get("thresholds"), dict) else {}
+    thresholds = _read(run.thresholds, missing) or dict(measured)
+    try:  # a thresholds.json that says otherwise than the metrics (edited): the metrics' thresholds are shown
+        check_thresholds_file(
+            run.thresholds,
+            {k: v for k, v in measured.items() if k in THRESHOLD_NAMES and isinstance(v, (int, float))},
+            "differs from the metrics'",
+            "the metrics' value is shown",
+            RunError,
+        )
+    except RunError as exc:
+        missing.append(str(exc))
+        thresholds = dict(measured)
     meta = _read(run.meta, missing)
     data_cfg = info.config.get("data") or {}
     s = RunSummary(

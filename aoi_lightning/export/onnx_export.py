@@ -171,17 +171,23 @@ def _trace(model: AnomalyTorchModel, image_size: tuple[int, int], path: Path, op
         warnings.filterwarnings("ignore", message=".*Constant folding.*")
         warnings.filterwarnings("ignore", message=".*aten::index.*")
         warnings.filterwarnings("ignore", message=".*feature will be removed.*", category=DeprecationWarning)
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(path),
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes=dynamic,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+        try:
+            torch.onnx.export(
+                model,
+                (dummy,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes=dynamic,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        except (RuntimeError, ValueError) as exc:
+            if "opset" not in str(exc).lower():
+                raise
+            first = str(exc).strip().splitlines()[0]
+            raise ExportError(f"--opset {opset} is not supported by this torch's exporter ({first})") from exc
 
 
 def export_onnx(

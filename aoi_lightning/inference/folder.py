@@ -119,7 +119,11 @@ def run_folder(
         log.info("resuming: %d images already in %s, %d to go", len(paths) - len(todo), outputs.jsonl_path, len(todo))
     if todo:  # first-call work (kernel choices, lazy indexes) before the clock and the bar's first rate
         h, w = facts.input_size
-        predictor.predict(np.zeros((1, 3, h, w), np.float32))
+        try:
+            predictor.predict(np.zeros((1, 3, h, w), np.float32))
+        except BaseException:
+            outputs.close()
+            raise
     bar = _progress(len(todo), progress and len(todo) > 0)
     start = time.perf_counter()
     executor = ThreadPoolExecutor(max_workers=num_workers) if num_workers > 0 else None

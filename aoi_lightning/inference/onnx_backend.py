@@ -134,6 +134,8 @@ def read_export(model_dir: str | Path) -> ExportedModel:
         raise OnnxRunError(f"{meta_path} is missing: re-export with `aoi export --run_dir {model_dir}`")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise TypeError(f"a JSON {type(meta).__name__}, not an object")
         preprocessing = export_preprocessing(meta)
         thresholds = meta.get("thresholds") or {}
         image_t, pixel_t = float(thresholds["image_threshold"]), float(thresholds["pixel_threshold"])

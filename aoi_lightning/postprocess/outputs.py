@@ -6,13 +6,14 @@ Shared by the `aoi run` runner and the PredictionWriter callback, so both produc
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 
 from aoi_lightning.fileio import dumps, output_name, read_json, read_jsonl, write_json, write_jsonl
 from aoi_lightning.postprocess.prediction import ModelFacts, OutputOptions, postprocess_prediction
-from aoi_lightning.postprocess.records import build_report, error_record
+from aoi_lightning.postprocess.records import build_report, error_record, record_problem
 from aoi_lightning.postprocess.render import save_mask_png, write_png
 
 __all__ = [
@@ -38,6 +39,41 @@ SETTINGS_FILE = "settings.json"
 #: Recorded in settings.json but not compared on resume: the torch back end names the run by its folder, the ONNX
 #: back ends by the name it had at export time, so a copied or renamed run would refuse a change of back end.
 NOT_COMPARED = ("run_id",)
+
+
+#: the lock file of a JSON Lines file while a run or a watcher writes it: `.<name>.lock` beside it
+LOCK_SUFFIX = ".lock"
+
+
+class OutputsInUse(ValueError):
+    """Another process (an `aoi run` or `aoi watch`) writes into the same output folder."""
+
+
+def lock_output_dir(output_dir: Path, jsonl_name: str = PREDS_FILE) -> int | None:
+    """An exclusive, non-blocking `flock` on `<output_dir>/.<jsonl_name>.lock` (one per records file: the ranks
+    of a distributed predict write files of their own), held until the returned descriptor is closed (the system
+    drops it when the process dies). None where `fcntl` does not exist (Windows).
+
+    Raises:
+        OutputsInUse: another process holds it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    fd = os.open(output_dir / f".{jsonl_name}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise OutputsInUse(
+            f"{output_dir} is in use by another aoi run or aoi watch (pid {holder or '?'}): two writers would mix "
+            "their records in one preds.jsonl; wait for it or choose another --output_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode("ascii"))
+    return fd
 
 
 class ResumeError(ValueError):
@@ -85,6 +121,7 @@ class PredictionOutputs:
         self.input_root = input_root
         self.jsonl_path = self.output_dir / jsonl_name
         self._handle = None
+        self._lock: int | None = None
         self.count = 0
         #: image paths already in preds.jsonl when resuming
         self.done: set[str] = set()
@@ -102,10 +139,16 @@ class PredictionOutputs:
 
         Raises:
             ResumeError: `resume` with records of other settings (nothing is changed on disk then).
+            OutputsInUse: another process writes into the folder (`lock_output_dir`; released by `close`).
         """
-        if resume and settings is not None and self.jsonl_path.is_file():
-            self._check_settings(settings)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_output_dir(self.output_dir, self.jsonl_path.name)
+        try:
+            if resume and settings is not None and self.jsonl_path.is_file():
+                self._check_settings(settings)
+        except BaseException:
+            self._release()
+            raise
         for sub, wanted in ((MASKS_DIR, self.options.save_masks), (OVERLAYS_DIR, self.options.save_overlays)):
             if wanted:
                 (self.output_dir / sub).mkdir(exist_ok=True)
@@ -115,6 +158,11 @@ class PredictionOutputs:
         self.kept = []
         if resume and self.jsonl_path.is_file():
             self.kept = read_jsonl(self.jsonl_path)
+            for number, record in enumerate(self.kept, start=1):  # checked before any work, not after it
+                problem = record_problem(record)
+                if problem:
+                    self._release()
+                    raise ResumeError(f"{self.jsonl_path} record {number}: {problem}; fix or remove that line")
             write_jsonl(self.jsonl_path, self.kept)  # atomically drops a torn last line
             self.done = {str(r.get("image_path")) for r in self.kept}
             self.count = len(self.kept)
@@ -148,10 +196,16 @@ class PredictionOutputs:
                 "would mix them in one preds.jsonl; use a new --output_dir, or the same settings"
             )
 
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        self._release()
 
     def __enter__(self) -> PredictionOutputs:
         return self if self._handle is not None else self.open()
@@ -252,3 +306,21 @@ def merge_rank_files(output_dir: str | Path, rank_files: list[Path], order_key: 
     for path in rank_files:
         path.unlink(missing_ok=True)
     return records
+
+
+def holds_results(output_dir: str | Path) -> bool:
+    """Whether `output_dir` holds a non-empty `preds.jsonl` of an earlier run."""
+    path = Path(output_dir) / PREDS_FILE
+    return path.is_file() and path.stat().st_size > 0
+
+
+def clear_results(output_dir: str | Path) -> None:
+    """Remove what a run wrote into `output_dir`: preds.jsonl, report.json, settings.json and the PNGs of masks/
+    and overlays/ (other files are left), so that no mask or overlay of an earlier run stays beside new records."""
+    output_dir = Path(output_dir)
+    for name in (PREDS_FILE, REPORT_JSON, SETTINGS_FILE):
+        (output_dir / name).unlink(missing_ok=True)
+    for sub in (MASKS_DIR, OVERLAYS_DIR):
+        folder = output_dir / sub
+        for png in folder.glob("*.png") if folder.is_dir() else ():
+            png.unlink(missing_ok=True)

@@ -92,6 +92,29 @@ def _stats(values: list[float]) -> dict:
     return {"min": min(values), "max": max(values), "mean": math.fsum(values) / len(values)}
 
 
+def record_problem(record: dict) -> str | None:
+    """What makes a `preds.jsonl` record unusable for the report (an edited or damaged line), or None: an error
+    record needs a text `error`; a prediction a numeric `pred_score`, a boolean `is_anomaly`, label OK/NG,
+    integer `num_defects` and `total_defect_area`, and `defects` as a list of objects with an integer `area`."""
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if "error" in record:
+        return None if isinstance(record["error"], str) else "`error` is not a text"
+    score = record.get("pred_score")
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        return f"`pred_score` is not a number ({score!r})"
+    if record.get("label") not in ("OK", "NG") or not isinstance(record.get("is_anomaly"), bool):
+        return "`label` is not OK or NG, or `is_anomaly` not true or false"
+    if not (integer(record.get("num_defects")) and integer(record.get("total_defect_area"))):
+        return "`num_defects` or `total_defect_area` is not an integer"
+    defects = record.get("defects")
+    if not isinstance(defects, list) or not all(isinstance(d, dict) and integer(d.get("area")) for d in defects):
+        return "`defects` is not a list of defects with an integer `area`"
+    return None
+
+
 def build_report(records: list[dict], model: str, category: str, run_id: str, thresholds: dict) -> dict:
     """`report.json` of a set of `preds.jsonl` records.
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
 import pickle
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
+from aoi_lightning.data.preprocess import PreprocessingError, image_size_hw
 from aoi_lightning.models.lightning_base import AnomalyModule
 from aoi_lightning.rundir.layout import RunDir
 from aoi_lightning.rundir.thresholds_file import check_thresholds_file as check_thresholds_file_agrees
@@ -54,14 +57,34 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
         raise RunError(f"{run.path} is not a run directory (no config.yaml); train one with `aoi fit --config ...`")
     try:
         config = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise RunError(f"cannot parse {run.config}: {str(exc).splitlines()[0]}") from exc
-    model_cfg = config.get("model") or {}
+    if not isinstance(config, dict):
+        raise RunError(f"{run.config} is not a run config (a YAML mapping of model, data, trainer expected)")
+    model_cfg, data_cfg = config.get("model") or {}, config.get("data") or {}
+    for key, value in (("model", model_cfg), ("data", data_cfg)):
+        if not isinstance(value, dict):
+            raise RunError(f"{run.config}: `{key}` must be a mapping, got {type(value).__name__}")
     class_path = str(model_cfg.get("class_path", ""))
-    data_cfg = config.get("data") or {}
-    size = data_cfg.get("image_size", 256)
-    size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    try:
+        size = image_size_hw(data_cfg.get("image_size", 256))
+    except PreprocessingError as exc:
+        raise RunError(f"{run.config}: data.{exc}") from exc
     return RunInfo(run, class_path.rsplit(".", 1)[-1].lower(), str(data_cfg.get("category", "")), size, config)
+
+
+@contextlib.contextmanager
+def run_files_checked(what: str) -> Iterator[None]:
+    """Within the block, a run file of valid JSON but of another shape than `aoi fit` writes (a list for an
+    object, a string for a number: an edited or damaged file) is a one-line `RunError` naming `what`, not a
+    traceback from deep inside the code that reads it."""
+    try:
+        yield
+    except (AttributeError, TypeError, KeyError, IndexError) as exc:
+        raise RunError(
+            f"the files of {what} do not have the shape `aoi fit` writes ({type(exc).__name__}: {exc}); "
+            "was one edited or damaged?"
+        ) from exc
 
 
 def read_checkpoint(ckpt_path: str | Path, mmap: bool = False) -> dict:

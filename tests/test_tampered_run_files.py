@@ -1,0 +1,116 @@
+"""Run files of valid syntax but of another shape than `aoi fit` writes (edited or damaged by hand): every
+command that reads them answers one line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def copied(patchcore_run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(patchcore_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval", "predictions")))
+
+
+@pytest.fixture
+def images(tiny_mvtec_root: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(next((tiny_mvtec_root / "synthetic" / "test" / "good").glob("*.png")), folder / "a.png")
+    return folder
+
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith(f"aoi {command}: error: "), err
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("- a\n- b\n", "is not a run config"),
+        ("data: 5\nmodel: {class_path: aoi_lightning.models.Patchcore}\n", "`data` must be a mapping"),
+        ("data: {image_size: null}\nmodel: {class_path: aoi_lightning.models.Patchcore}\n", "data.image_size"),
+        ("data: {image_size: [64]}\nmodel: {class_path: aoi_lightning.models.Patchcore}\n", "data.image_size"),
+        ("data: {image_size: {a: 1}}\nmodel: {class_path: aoi_lightning.models.Patchcore}\n", "data.image_size"),
+    ],
+    ids=["list", "data-int", "size-null", "size-one", "size-dict"],
+)
+def test_config_yaml_of_another_shape(aoi_cli, copied: Path, images: Path, tmp_path: Path, capsys, text, expected):
+    (copied / "config.yaml").write_text(text, encoding="utf-8")
+    argv = ["run", "--model_dir", copied, "--input_dir", images, "--output_dir", tmp_path / "out", "--backend", "torch"]
+    for command, args in (("run", argv[1:]), ("report", ["--run_dir", copied]), ("export", ["--run_dir", copied])):
+        assert aoi_cli([command, *args]) == 2
+        line = one_line_error(capsys, command)
+        assert expected in line and "config.yaml" in line
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_export_meta_that_is_not_an_object(aoi_cli, copied: Path, images: Path, tmp_path: Path, capsys, backend):
+    pytest.importorskip(backend)
+    (copied / "export" / "export_meta.json").write_text("[1, 2]", encoding="utf-8")
+    argv = ["run", "--model_dir", copied, "--input_dir", images, "--output_dir", tmp_path / "o", "--backend", backend]
+    assert aoi_cli(argv) == 2
+    assert "export_meta.json" in one_line_error(capsys, "run")
+    assert aoi_cli(["consistency", "--run_dir", copied]) == 2
+    assert "export_meta.json" in one_line_error(capsys, "consistency")
+
+
+@pytest.mark.parametrize(
+    ("name", "edit"),
+    [
+        ("thresholds.json", lambda d: []),
+        ("metrics.json", lambda d: [1]),
+        ("metrics.json", lambda d: {**d, "test": [1, 2]}),
+        ("meta.json", lambda d: {**d, "timings": "x"}),
+    ],
+    ids=["thresholds-list", "metrics-list", "metrics-test-list", "meta-timings-str"],
+)
+def test_report_and_compare_on_run_files_of_another_shape(
+    aoi_cli, copied: Path, patchcore_run: Path, tmp_path: Path, capsys, name, edit
+):
+    path = copied / name
+    path.write_text(json.dumps(edit(json.loads(path.read_text(encoding="utf-8")))), encoding="utf-8")
+    code = aoi_cli(["report", "--run_dir", copied])
+    if code != 0:  # a file the report can do without (meta.json) may be left out; otherwise one line
+        assert code == 2 and str(copied) in one_line_error(capsys, "report")
+    argv = ["compare", "--run_dir_a", copied, "--run_dir_b", patchcore_run, "--output_dir", tmp_path / "cmp"]
+    code = aoi_cli(argv)
+    if code != 0:
+        assert code == 2 and one_line_error(capsys, "compare")
+
+
+def test_export_with_an_opset_this_torch_cannot_write(aoi_cli, copied: Path, capsys):
+    assert aoi_cli(["export", "--run_dir", copied, "--opset", "99"]) == 2
+    assert "--opset 99 is not supported" in one_line_error(capsys, "export")
+
+
+def test_api_key_file_with_a_byte_order_mark(tmp_path: Path):
+    """Windows editors start a UTF-8 file with a byte-order mark; it is not part of the key."""
+    from aoi_lightning.commands.serve import read_api_key
+
+    key = tmp_path / "key"
+    key.write_bytes(b"\xef\xbb\xbfs3cret\r\n")
+    assert read_api_key(str(key)) == "s3cret"
+
+
+def test_an_edited_thresholds_json_is_not_presented_as_the_runs(aoi_cli, copied, patchcore_run, tmp_path, capsys):
+    """`aoi run` refuses a thresholds.json that differs from the model's; the report refuses it too (its metrics
+    were computed at the other value) and the comparison shows the metrics' threshold with a note."""
+    path = copied / "thresholds.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    measured = json.loads((copied / "metrics.json").read_text(encoding="utf-8"))["thresholds"]["image_threshold"]
+    data["image_threshold"] = 5.0
+    path.write_text(json.dumps(data), encoding="utf-8")
+    assert aoi_cli(["report", "--run_dir", copied]) == 2
+    assert "does not match the threshold the test metrics were computed at" in one_line_error(capsys, "report")
+    out = tmp_path / "cmp"
+    assert aoi_cli(["compare", "--run_dir_a", copied, "--run_dir_b", patchcore_run, "--output_dir", out]) == 0
+    report = json.loads((out / "comparison_report.json").read_text(encoding="utf-8"))
+    shown = report["runs"][0]["thresholds"]["image_threshold"]
+    assert shown == pytest.approx(measured) and "differs from the metrics'" in (out / "comparison_table.md").read_text()
