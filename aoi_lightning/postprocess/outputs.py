@@ -5,6 +5,7 @@ Shared by the `aoi run` runner and the PredictionWriter callback, so both produc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -52,7 +53,8 @@ class OutputsInUse(ValueError):
 def lock_output_dir(output_dir: Path, jsonl_name: str = PREDS_FILE) -> int | None:
     """An exclusive, non-blocking `flock` on `<output_dir>/.<jsonl_name>.lock` (one per records file: the ranks
     of a distributed predict write files of their own), held until the returned descriptor is closed (the system
-    drops it when the process dies). None where `fcntl` does not exist (Windows).
+    drops it when the process dies; `PredictionOutputs.close` also removes the file). None where `fcntl` does
+    not exist (Windows).
 
     Raises:
         OutputsInUse: another process holds it.
@@ -197,7 +199,9 @@ class PredictionOutputs:
             )
 
     def _release(self) -> None:
-        if self._lock is not None:
+        if self._lock is not None:  # the file goes with the lock (left behind only by a killed process: harmless)
+            with contextlib.suppress(OSError):
+                os.unlink(self.output_dir / f".{self.jsonl_path.name}{LOCK_SUFFIX}")
             os.close(self._lock)
             self._lock = None
 
