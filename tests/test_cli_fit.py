@@ -207,6 +207,17 @@ def test_a_second_fit_into_a_run_is_refused(patchcore_run: Path, tiny_mvtec_root
     assert {p: p.read_bytes() for p in patchcore_run.rglob("*") if p.is_file()} == files
 
 
+def test_the_leftover_of_a_failed_fit_does_not_block_its_run_id(tiny_mvtec_root, tmp_path, aoi_cli, tiny_fit_argv):
+    """A fit that failed (e.g. on its data) leaves config.yaml and logs: fitting the same --run_id again works."""
+    leftover = tmp_path / "runs" / "patchcore" / "synthetic" / "again"
+    (leftover / "logs" / "fit-again").mkdir(parents=True)
+    (leftover / "config.yaml").write_text("model: {}\n", encoding="utf-8")
+    (leftover / "logs" / "fit-again" / "hparams.yaml").write_text("{}\n", encoding="utf-8")
+    argv = tiny_fit_argv("aoi_lightning.models.Patchcore", tiny_mvtec_root, tmp_path / "runs", "again")
+    assert aoi_cli(argv) == 0
+    assert (leftover / "weights" / "model.ckpt").is_file()
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [

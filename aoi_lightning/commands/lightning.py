@@ -39,9 +39,10 @@ MODEL_HELP = (
 )
 
 
-def _holds_files(folder: Path) -> bool:
-    """Whether `folder` exists with a file anywhere below it (empty folders left by a failed start do not count)."""
-    return folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))
+def _holds_a_run(run: RunDir) -> bool:
+    """Whether a run folder holds what a fit produces (a checkpoint, thresholds, metrics or an export); the
+    config.yaml and logs a failed fit leaves do not count, so the same --run_id can be fitted again then."""
+    return any(p.is_file() for p in (run.checkpoint, run.thresholds, run.metrics, run.export / "model.onnx"))
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -168,7 +169,7 @@ class AoiCLI(LightningCLI):
         run = RunDir.from_checkpoint(ckpt) if ckpt and self.subcommand != "fit" else None
         if run is None:
             run = RunDir.create(cfg.runs_root, model_name, cfg.data.category, run_id)
-            if self.subcommand == "fit" and inherited is None and _holds_files(run.path):
+            if self.subcommand == "fit" and inherited is None and _holds_a_run(run):
                 # a second fit into a run would mix its files with the first's (a model beside another's
                 # predictions and evaluations), and replace a model a line may be using
                 raise RunError(
