@@ -233,6 +233,9 @@ def test_bad_input_limits_and_api_key(patchcore_run, images, tmp_path):
             ("bad option", client.predict(good, pixel_threshold_mult="-1"), 400, "bad_option"),
             ("bad option", client.predict(good, min_defect_area="many"), 400, "bad_option"),
             ("form without file", client.predict_multipart(good, field="other"), 400, "bad_form"),
+            ("misspelt option", client.predict(good, min_defect_aera="3"), 400, "bad_option"),
+            ("no such route", client.get("/predicts"), 404, "not_found"),
+            ("wrong method", client.get("/predict"), 405, "method_not_allowed"),
         ]
         for what, answer, status, kind in cases:
             assert answer.status == status, (what, answer.body)

@@ -233,3 +233,21 @@ def test_a_stalled_upload_holds_no_place_in_the_queue_and_times_out(tmp_path):
     assert statuses["stalled"] == 408
     assert statuses["normal"][0] == 200 and answered == [True]
     assert gate.in_flight.value == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_the_frameworks_own_errors_get_the_services_error_form(tmp_path):
+    """LitServe's 504 (the model did not answer in time) arrives as `{"detail": ...}`: the client gets the same
+    one-line `{"error", "kind", "request_id"}` as for every other refusal, with the request id header."""
+
+    async def app(scope, receive, send):
+        await receive()
+        body = b'{"detail":"Request timed out"}'
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 504, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    status, headers, body = call(make_gate(tmp_path, app), png())
+    answer = json.loads(body)
+    assert status == 504 and answer["kind"] == "timeout" and "request timeout (30 s)" in answer["error"]
+    assert answer["request_id"] == headers["x-request-id"] and int(headers["content-length"]) == len(body)
+    assert list(tmp_path.iterdir()) == []

@@ -17,6 +17,7 @@ Every refusal is a one-line JSON error:
 | 422 | not_an_image | not a PNG/JPEG/BMP/TIFF/WebP header (the worker answers 422 for truncated/corrupt ones) |
 | 408 | upload_timeout | the body did not arrive within the body timeout (`--request_timeout`) |
 | 503 | queue_full | `max_queue` requests already waiting (with `Retry-After`) |
+| 404, 405, 504 | not_found, method_not_allowed, timeout | the framework's own answers, given this form (`FRAMEWORK_ERRORS`) |
 | 507 | storage | the upload could not be stored for the model worker (disk full) |
 """
 
@@ -40,6 +41,13 @@ from aoi_lightning.serve.metrics import metrics
 
 RAW_TYPES = ("application/octet-stream", "image/")
 KNOWN_ROUTES = ("/predict", "/health", "/ready", "/info", "/metrics")
+#: answers of FastAPI/LitServe themselves (`{"detail": ...}`), given the service's one-line JSON error form
+FRAMEWORK_ERRORS = {
+    404: ("not_found", "no route {path}: the service answers /predict, /health, /ready, /info and /metrics"),
+    405: ("method_not_allowed", "{method} is not allowed on {path}"),
+    504: ("timeout", "the model did not answer within the request timeout ({timeout:g} s)"),
+}
+REPLACED_HEADERS = (b"content-type", b"content-length")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
@@ -146,6 +154,8 @@ class Gate:
         status_seen = {"code": 500}
         request_id = uuid.uuid4().hex if path == "/predict" else None
 
+        held: dict = {}  # the start of a framework's own error answer, rewritten once its body is complete
+
         async def send_wrapped(message) -> None:
             if message["type"] == "http.response.start":
                 status_seen["code"] = message["status"]
@@ -154,6 +164,21 @@ class Gate:
                     if not any(k.lower() == b"x-request-id" for k, _ in headers):
                         headers.append((b"x-request-id", request_id.encode()))
                     message = {**message, "headers": headers}
+                if message["status"] in FRAMEWORK_ERRORS:
+                    held["start"] = message
+                    return
+            elif message["type"] == "http.response.body" and "start" in held:
+                if message.get("more_body", False):
+                    return
+                status = held["start"]["status"]
+                kind, text = FRAMEWORK_ERRORS[status]
+                text = text.format(path=path, method=scope.get("method"), timeout=self.body_timeout)
+                answer = error_body(status, kind, text, request_id)
+                headers = [(k, v) for k, v in held.pop("start")["headers"] if k.lower() not in REPLACED_HEADERS]
+                headers += [(k, v) for k, v in answer.raw_headers if k.lower() in REPLACED_HEADERS]
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": answer.body})
+                return
             await send(message)
 
         counted = False
