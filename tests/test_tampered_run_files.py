@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -114,3 +115,26 @@ def test_an_edited_thresholds_json_is_not_presented_as_the_runs(aoi_cli, copied,
     report = json.loads((out / "comparison_report.json").read_text(encoding="utf-8"))
     shown = report["runs"][0]["thresholds"]["image_threshold"]
     assert shown == pytest.approx(measured) and "differs from the metrics'" in (out / "comparison_table.md").read_text()
+
+
+def test_integer_and_float_tiffs_decode_by_one_value_rule(tmp_path: Path):
+    """A 32-bit integer or float TIFF holding 8-bit values decodes to those values (it used to become flat grey,
+    or be stretched by its own maximum so that a too-dark part looked normal); [0, 1] floats are scaled by 255;
+    values beyond 16 bits are an unreadable file, not a verdict on a made-up picture."""
+    from PIL import Image
+
+    from aoi_lightning.data.image_io import ImageReadError, read_image
+
+    grey = (np.arange(64 * 64, dtype=np.int64).reshape(64, 64) % 128).astype(np.uint8)  # a dark picture: 0..127
+    cases = {
+        "int32.tif": grey.astype(np.int32),
+        "float_255.tif": grey.astype(np.float32),
+        "float_01.tif": grey.astype(np.float32) / 255.0,
+    }
+    for name, values in cases.items():
+        Image.fromarray(values).save(tmp_path / name)
+        decoded = read_image(tmp_path / name)
+        np.testing.assert_array_equal(decoded[..., 0], grey, err_msg=name)
+    Image.fromarray(grey.astype(np.int32) * 100_000).save(tmp_path / "wide.tif")
+    with pytest.raises(ImageReadError, match="beyond 16 bits"):
+        read_image(tmp_path / "wide.tif")

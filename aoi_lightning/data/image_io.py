@@ -175,17 +175,28 @@ def image_header(data: np.ndarray | bytes) -> tuple[str, int, int] | None:
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """8-bit values of a decoded image by one fixed rule, never by the image's own contrast: uint16 >> 8;
+    float images in [0, 1] times 255; other float or integer images (32-bit TIFFs) as 8-bit values when none
+    exceeds 255, else as 16-bit values (/ 257); negative values and NaN are 0.
+
+    Raises:
+        ValueError: values beyond 16 bits (their range cannot be known).
+    """
     if image.dtype == np.uint8:
         return image
     if image.dtype == np.uint16:
         return (image >> 8).astype(np.uint8)
-    if image.dtype in (np.float32, np.float64):
-        img = np.nan_to_num(image.astype(np.float32))
-        high = float(img.max()) if img.size else 1.0
-        scale = 255.0 if high <= 1.0 else 255.0 / high
-        return np.clip(img * scale, 0, 255).astype(np.uint8)
-    info = np.iinfo(image.dtype)
-    return ((image.astype(np.float64) - info.min) / (info.max - info.min) * 255).astype(np.uint8)
+    values = np.nan_to_num(image.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)
+    high = float(values.max()) if values.size else 0.0
+    if np.issubdtype(image.dtype, np.floating) and high <= 1.0:
+        scale = 255.0
+    elif high <= 255.0:
+        scale = 1.0
+    elif high <= 65535.0:
+        scale = 1.0 / 257.0
+    else:
+        raise ValueError(f"{image.dtype} values up to {high:g}: beyond 16 bits, their range is unknown")
+    return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
 
 
 def _reduction(fmt: str, height: int, width: int, path: Path) -> int:
@@ -254,7 +265,10 @@ def read_image_with_size(path: str | Path) -> tuple[np.ndarray, tuple[int, int]]
     if image.shape[0] * image.shape[1] > MAX_PIXELS:
         raise ImageReadError(f"image too large ({image.shape[1]}x{image.shape[0]} pixels): {path}")
     original = _original_size(image.shape[:2], (height, width), factor)
-    image = _to_uint8(image)
+    try:
+        image = _to_uint8(image)
+    except ValueError as exc:
+        raise ImageReadError(f"unsupported pixel values ({exc}): {path}") from exc
     if image.ndim == 2:
         rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     elif image.shape[2] == 4:
