@@ -130,8 +130,8 @@ def watch(
             signal.signal(sig, handler)
     out = Path(output_dir)
     print(
-        f"aoi watch: {hot.processed} images processed in this session; {report['num_images']} in all "
-        f"({report['num_ok']} OK, {report['num_ng']} NG), {report['num_errors']} errors -> "
+        f"aoi watch: {hot.processed} files processed in this session; in all {report['num_images']} images judged "
+        f"({report['num_ok']} OK, {report['num_ng']} NG) and {report['num_errors']} unreadable files -> "
         f"{out / PREDS_FILE}, {out / REPORT_JSON}"
     )
     return 0

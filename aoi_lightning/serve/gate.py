@@ -17,7 +17,7 @@ Every refusal is a one-line JSON error:
 | 422 | not_an_image | not a PNG/JPEG/BMP/TIFF/WebP header (the worker answers 422 for truncated/corrupt ones) |
 | 408 | upload_timeout | the body did not arrive within the body timeout (`--request_timeout`) |
 | 503 | queue_full | `max_queue` requests already waiting (with `Retry-After`) |
-| 404, 405, 504 | not_found, method_not_allowed, timeout | the framework's own answers, given this form (`FRAMEWORK_ERRORS`) |
+| 404, 405, 504 | not_found, method_not_allowed, timeout | the framework's own answers, in this form |
 | 507 | storage | the upload could not be stored for the model worker (disk full) |
 """
 
