@@ -254,3 +254,27 @@ def test_resume_refuses_a_damaged_record_before_any_work(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "preds.jsonl record 2: `label` is not OK or NG" in err
     assert (out / "report.json").read_bytes() == report_before
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_keeps_the_lines(
+    aoi_cli, patchcore_run: Path, inputs: Path, tmp_path: Path, capsys, monkeypatch
+):
+    import errno
+
+    from aoi_lightning.postprocess.outputs import PredictionOutputs
+
+    original, calls = PredictionOutputs._append, []
+
+    def append_until_full(self, record, extra):
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, record, extra)
+
+    monkeypatch.setattr(PredictionOutputs, "_append", append_until_full)
+    out = tmp_path / "out"
+    argv = ["run", "--model_dir", patchcore_run, "--input_dir", inputs, "--output_dir", out, "--backend", "onnx"]
+    assert aoi_cli([*argv, "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot write {out}: No space left on device" in err[0]
+    assert len(read_jsonl(out / "preds.jsonl")) == 2

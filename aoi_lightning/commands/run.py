@@ -135,17 +135,21 @@ def run(
     predictor = load_predictor(backend, model_dir, device)
     if overwrite:
         clear_results(outputs)
-    report = run_folder(
-        predictor,
-        paths,
-        outputs,
-        options,
-        input_root=input_root,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        progress=not no_progress,
-        resume=resume,
-    )
+    try:
+        report = run_folder(
+            predictor,
+            paths,
+            outputs,
+            options,
+            input_root=input_root,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=not no_progress,
+            resume=resume,
+        )
+    except OSError as exc:  # e.g. a full disk: say where; the complete lines written so far stay
+        where = exc.filename or outputs
+        raise RunnerError(f"cannot write {where}: {exc.strerror or exc} (the lines written so far are kept)") from exc
     speed = (
         f", {report['images_per_second']:.1f} images/s" if report["num_images"] and report["images_per_second"] else ""
     )
