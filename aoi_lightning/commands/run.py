@@ -10,7 +10,7 @@ from typing import Literal
 from aoi_lightning.data.image_io import IMAGE_EXTENSIONS, list_images
 from aoi_lightning.fileio import check_output_dir, is_same_or_above
 from aoi_lightning.inference.folder import load_predictor, run_folder
-from aoi_lightning.postprocess.outputs import PREDS_FILE, REPORT_JSON, OutputOptions, clear_results, holds_results
+from aoi_lightning.postprocess.outputs import PREDS_FILE, REPORT_JSON, OutputOptions, holds_results
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,6 @@ def run(
         raise RunnerError(no_images_message(input_root, outputs, recursive))
     check_output_dir(outputs)
     predictor = load_predictor(backend, model_dir, device)
-    if overwrite:
-        clear_results(outputs)
     try:
         report = run_folder(
             predictor,
@@ -146,6 +144,7 @@ def run(
             num_workers=num_workers,
             progress=not no_progress,
             resume=resume,
+            overwrite=overwrite,
         )
     except OSError as exc:  # e.g. a full disk: say where; the complete lines written so far stay
         where = exc.filename or outputs

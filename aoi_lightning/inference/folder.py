@@ -91,6 +91,7 @@ def run_folder(
     num_workers: int = 0,
     progress: bool = True,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Predict `paths` and write `preds.jsonl` (one flushed line per image), masks, overlays and `report.json`.
 
@@ -105,6 +106,7 @@ def run_folder(
             run on one writer thread, in input order, overlapping the next batch.
         progress: show a progress bar.
         resume: keep the complete lines of an interrupted run in `output_dir` and predict only the rest.
+        overwrite: first remove the results of an earlier run in `output_dir` (`outputs.clear_results`).
 
     Returns:
         the report (also written to `report.json`), with `images_per_second` of the whole loop added.
@@ -113,7 +115,7 @@ def run_folder(
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     facts = predictor.facts
     outputs = PredictionOutputs(output_dir, facts, options, input_root)
-    outputs.open(resume=resume, settings=output_settings(facts, options, predictor.run_id, input_root))
+    outputs.open(resume, output_settings(facts, options, predictor.run_id, input_root), overwrite)
     todo = [p for p in paths if str(p) not in outputs.done]
     if outputs.done:
         log.info("resuming: %d images already in %s, %d to go", len(paths) - len(todo), outputs.jsonl_path, len(todo))

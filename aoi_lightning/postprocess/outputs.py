@@ -130,7 +130,7 @@ class PredictionOutputs:
         #: the complete records kept from preds.jsonl when resuming, in file order
         self.kept: list[dict] = []
 
-    def open(self, resume: bool = False, settings: dict | None = None) -> PredictionOutputs:
+    def open(self, resume: bool = False, settings: dict | None = None, overwrite: bool = False) -> PredictionOutputs:
         """Create the folders and start an empty JSON Lines file; with `resume`, keep the complete lines of an
         earlier, interrupted run (a torn last line is dropped) and append after them (see `done`).
 
@@ -138,6 +138,7 @@ class PredictionOutputs:
             resume: keep the earlier lines.
             settings: `output_settings` of this run, written to `settings.json`. With `resume`, the earlier
                 run's `settings.json` must hold the same values.
+            overwrite: first remove an earlier run's results (`clear_results`), once the folder is locked.
 
         Raises:
             ResumeError: `resume` with records of other settings (nothing is changed on disk then).
@@ -145,6 +146,8 @@ class PredictionOutputs:
         """
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_output_dir(self.output_dir, self.jsonl_path.name)
+        if overwrite and not resume:  # only under the lock: never the files of a run still writing
+            clear_results(self.output_dir)
         try:
             if resume and settings is not None and self.jsonl_path.is_file():
                 self._check_settings(settings)
