@@ -138,3 +138,34 @@ def test_integer_and_float_tiffs_decode_by_one_value_rule(tmp_path: Path):
     Image.fromarray(grey.astype(np.int32) * 100_000).save(tmp_path / "wide.tif")
     with pytest.raises(ImageReadError, match="beyond 16 bits"):
         read_image(tmp_path / "wide.tif")
+
+
+def test_a_damaged_jpeg_that_still_ends_with_its_marker_is_unreadable(tmp_path: Path):
+    """A JPEG cut short (or with a block lost) and closed with an end-of-image marker decodes grey-filled: it
+    must be an unreadable file, not a part judged with a made-up defect. Intact JPEGs (grey, progressive, CMYK,
+    extraneous bytes before a marker, as some cameras write) still decode."""
+    import io
+
+    import cv2
+    from PIL import Image
+
+    from aoi_lightning.data.image_io import ImageReadError, read_image
+
+    rgb = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    good = cv2.imencode(".jpg", rgb)[1].tobytes()
+    damaged = {
+        "cut_80.jpg": good[: len(good) * 8 // 10] + b"\xff\xd9",
+        "cut_99.jpg": good[: len(good) * 99 // 100] + b"\xff\xd9",
+    }
+    for name, data in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageReadError, match="damaged JPEG data"):
+            read_image(tmp_path / name)
+    intact = {"plain.jpg": good, "extraneous.jpg": good[:-2] + b"\x00\x00\xff\xd9"}
+    for mode, options in (("L", {}), ("RGB", {"progressive": True}), ("CMYK", {})):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).convert(mode).save(buf, "JPEG", **options)
+        intact[f"{mode}.jpg"] = buf.getvalue()
+    for name, data in intact.items():
+        (tmp_path / name).write_bytes(data)
+        assert read_image(tmp_path / name).shape == (96, 128, 3), name

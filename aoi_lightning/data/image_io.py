@@ -143,6 +143,30 @@ def _jpeg_complete(data: np.ndarray) -> bool:
     return raw.rfind(b"\xff\xd9") > raw.rfind(b"\xff\xda") >= 0
 
 
+#: libjpeg's messages for entropy-coded data that ends or breaks before the image is complete (its decoder then
+#: fills the rest with grey and goes on); other warnings (e.g. extraneous bytes before a marker, which some
+#: cameras write) leave the picture whole and are not refusals
+_JPEG_DAMAGE = ("premature end of data segment", "premature end of jpeg file", "bad huffman", "huffman table")
+
+
+def jpeg_damage(data: np.ndarray | bytes) -> str | None:
+    """libjpeg's message when a JPEG's scan data is damaged (cut off, or a block lost in transfer) although the
+    file may still end with its end-of-image marker; None for an intact file. The check decodes at 1/8 scale with
+    simplejpeg in strict mode (about 0.6 ms for 512 px); without simplejpeg it finds nothing.
+    """
+    try:
+        import simplejpeg
+    except ImportError:  # pragma: no cover - a dependency of the project
+        return None
+    raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+    try:
+        simplejpeg.decode_jpeg(raw, colorspace="GRAY", min_height=1, min_width=1, strict=True)
+    except ValueError as exc:
+        text = str(exc).strip()
+        return text if any(key in text.lower() for key in _JPEG_DAMAGE) else None
+    return None
+
+
 def image_header(data: np.ndarray | bytes) -> tuple[str, int, int] | None:
     """(format, height, width) of an encoded PNG, JPEG, BMP, TIFF or WebP image from its header alone (as
     stored, before any EXIF rotation); None for any other or malformed content. No pixel data is decoded.
@@ -247,8 +271,12 @@ def read_image_with_size(path: str | Path) -> tuple[np.ndarray, tuple[int, int]]
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         raise ImageReadError(f"cannot open {path}: {exc.strerror or exc}") from exc
-    if image_format(data) == "jpeg" and not _jpeg_complete(data):
-        raise ImageReadError(f"truncated JPEG (the file ends before its end-of-image marker): {path}")
+    if image_format(data) == "jpeg":
+        if not _jpeg_complete(data):
+            raise ImageReadError(f"truncated JPEG (the file ends before its end-of-image marker): {path}")
+        damage = jpeg_damage(data)
+        if damage:
+            raise ImageReadError(f"damaged JPEG data ({damage}): {path}")
     header = image_header(data)
     if header is None or header[1] <= 0 or header[2] <= 0:
         raise ImageReadError(f"not a readable image (unknown format, truncated or corrupt): {path}")
