@@ -9,6 +9,7 @@ cleanly.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -314,6 +315,30 @@ def test_sigterm_stops_the_service_cleanly(patchcore_run, images, tmp_path):
     log = (tmp_path / "server-audit.log").read_text(encoding="utf-8", errors="replace")
     assert "Traceback" not in log and "error" not in log.lower(), log[-2000:]
     assert len(audit_lines(audit)) == 1
+
+
+def test_a_killed_model_worker_stops_the_service_with_one_line(patchcore_run, tmp_path):
+    """The system may end a model worker (out of memory): the service stops, with exit code 2 and one line
+    saying so, not a traceback; a supervisor (systemd) then restarts it."""
+    audit = tmp_path / "audit"
+    with running_server(patchcore_run, "onnx", audit) as (client, proc):
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == proc.pid:  # the parent pid
+                    children.append(stat.parent.name)
+        workers = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+        assert len(workers) == 1, children
+        os.kill(int(workers[0]), signal.SIGKILL)
+        code = proc.wait(timeout=60)
+    assert code == 2
+    log = (tmp_path / "server-audit.log").read_text(encoding="utf-8", errors="replace")
+    assert "Traceback" not in log, log[-3000:]
+    assert (
+        log.strip().splitlines()[-1]
+        == "aoi serve: error: a model worker died (ended by the system?); the service stopped"
+    )
 
 
 def test_serve_modules_import_without_torch():

@@ -219,6 +219,10 @@ def serve(
             if "workers failed to start" in str(exc):
                 raise ServeError("the model worker failed to start (its error is in the log above)") from exc
             raise
+        except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
+            # a model worker died (e.g. ended by the system for lack of memory): LitServe stops the service and
+            # its process manager goes with it
+            raise ServeError("a model worker died (ended by the system?); the service stopped") from exc
     finally:
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         shutil.rmtree(state_dir, ignore_errors=True)
