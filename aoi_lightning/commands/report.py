@@ -10,7 +10,7 @@ from aoi_lightning.progress import phase
 from aoi_lightning.report.build import OverlaySource, build_report_data, run_facts, write_report
 from aoi_lightning.report.gallery import image_key, prediction_overlays, read_bgr, render_model_overlays
 from aoi_lightning.rundir.loading import RunError, load_run_model, read_run_info, run_files_checked
-from aoi_lightning.rundir.thresholds_file import THRESHOLD_NAMES, check_thresholds_file
+from aoi_lightning.rundir.thresholds_file import check_thresholds_file, metrics_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,10 @@ def report_from_run(run_dir: str | Path, gallery_size: int = 6, device: str = "c
     for split in ("test", "val"):
         if run.preds(split).is_file():
             records.extend(read_jsonl(run.preds(split)))
-    measured = metrics.get("thresholds") if isinstance(metrics.get("thresholds"), dict) else {}
+    measured = metrics_thresholds(metrics)
     thresholds = check_thresholds_file(
         run.thresholds,
-        {k: v for k, v in measured.items() if k in THRESHOLD_NAMES and isinstance(v, (int, float))},
+        measured,
         "does not match the threshold the test metrics were computed at,",
         "restore the file or run `aoi test` again",
         RunError,

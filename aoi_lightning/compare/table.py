@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aoi_lightning.fileio import read_json
 from aoi_lightning.rundir.loading import RunError, read_run_info
-from aoi_lightning.rundir.thresholds_file import THRESHOLD_NAMES, check_thresholds_file
+from aoi_lightning.rundir.thresholds_file import check_thresholds_file, metrics_thresholds
 
 
 @dataclass(frozen=True)
@@ -109,12 +109,12 @@ def load_summary(label: str, run_dir: str | Path) -> RunSummary:
     run = info.run
     missing: list[str] = []
     metrics = _read(run.metrics, missing)
-    measured = metrics.get("thresholds") if isinstance(metrics.get("thresholds"), dict) else {}
+    measured = metrics_thresholds(metrics)
     thresholds = _read(run.thresholds, missing) or dict(measured)
     try:  # a thresholds.json that says otherwise than the metrics (edited): the metrics' thresholds are shown
         check_thresholds_file(
             run.thresholds,
-            {k: v for k, v in measured.items() if k in THRESHOLD_NAMES and isinstance(v, (int, float))},
+            measured,
             "differs from the metrics'",
             "the metrics' value is shown",
             RunError,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from aoi_lightning.data.preprocess import Preprocessing, PreprocessingError
-from aoi_lightning.fileio import sha256_of
+from aoi_lightning.fileio import read_json, sha256_of
 from aoi_lightning.postprocess.prediction import ModelFacts
 from aoi_lightning.rundir.thresholds_file import check_thresholds_file
 
@@ -133,9 +133,7 @@ def read_export(model_dir: str | Path) -> ExportedModel:
     if not meta_path.is_file():
         raise OnnxRunError(f"{meta_path} is missing: re-export with `aoi export --run_dir {model_dir}`")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            raise TypeError(f"a JSON {type(meta).__name__}, not an object")
+        meta = read_json(meta_path)
         preprocessing = export_preprocessing(meta)
         thresholds = meta.get("thresholds") or {}
         image_t, pixel_t = float(thresholds["image_threshold"]), float(thresholds["pixel_threshold"])

@@ -50,6 +50,11 @@ class OutputsInUse(ValueError):
     """Another process (an `aoi run` or `aoi watch`) writes into the same output folder."""
 
 
+def lock_path(output_dir: Path, jsonl_name: str = PREDS_FILE) -> Path:
+    """`<output_dir>/.<jsonl_name>.lock`, the lock file of a records file."""
+    return output_dir / f".{jsonl_name}{LOCK_SUFFIX}"
+
+
 def lock_output_dir(output_dir: Path, jsonl_name: str = PREDS_FILE) -> int | None:
     """An exclusive, non-blocking `flock` on `<output_dir>/.<jsonl_name>.lock` (one per records file: the ranks
     of a distributed predict write files of their own), held until the returned descriptor is closed (the system
@@ -63,7 +68,7 @@ def lock_output_dir(output_dir: Path, jsonl_name: str = PREDS_FILE) -> int | Non
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         return None
-    fd = os.open(output_dir / f".{jsonl_name}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path(output_dir, jsonl_name), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -146,14 +151,18 @@ class PredictionOutputs:
         """
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_output_dir(self.output_dir, self.jsonl_path.name)
-        if overwrite and not resume:  # only under the lock: never the files of a run still writing
-            clear_results(self.output_dir)
         try:
-            if resume and settings is not None and self.jsonl_path.is_file():
-                self._check_settings(settings)
-        except BaseException:
+            self._open_locked(resume, settings, overwrite)
+        except BaseException:  # nothing opened: the folder is free again
             self._release()
             raise
+        return self
+
+    def _open_locked(self, resume: bool, settings: dict | None, overwrite: bool) -> None:
+        if overwrite and not resume:  # only under the lock: never the files of a run still writing
+            clear_results(self.output_dir)
+        if resume and settings is not None and self.jsonl_path.is_file():
+            self._check_settings(settings)
         for sub, wanted in ((MASKS_DIR, self.options.save_masks), (OVERLAYS_DIR, self.options.save_overlays)):
             if wanted:
                 (self.output_dir / sub).mkdir(exist_ok=True)
@@ -166,14 +175,12 @@ class PredictionOutputs:
             for number, record in enumerate(self.kept, start=1):  # checked before any work, not after it
                 problem = record_problem(record)
                 if problem:
-                    self._release()
                     raise ResumeError(f"{self.jsonl_path} record {number}: {problem}; fix or remove that line")
             write_jsonl(self.jsonl_path, self.kept)  # atomically drops a torn last line
             self.done = {str(r.get("image_path")) for r in self.kept}
             self.count = len(self.kept)
         mode = "a" if resume else "w"
         self._handle = open(self.jsonl_path, mode, encoding="utf-8")  # noqa: SIM115 - closed in close()
-        return self
 
     def _check_settings(self, settings: dict) -> None:
         path = self.output_dir / SETTINGS_FILE
@@ -204,7 +211,7 @@ class PredictionOutputs:
     def _release(self) -> None:
         if self._lock is not None:  # the file goes with the lock (left behind only by a killed process: harmless)
             with contextlib.suppress(OSError):
-                os.unlink(self.output_dir / f".{self.jsonl_path.name}{LOCK_SUFFIX}")
+                os.unlink(lock_path(self.output_dir, self.jsonl_path.name))
             os.close(self._lock)
             self._lock = None
 

@@ -61,3 +61,12 @@ def check_thresholds_file(
         where = f" ({source})" if source is not None else ""
         raise error(f"{path}: {key} {found} {mismatch} {expected[key]:.8g}{where}; {remedy}")
     return on_disk
+
+
+def metrics_thresholds(metrics: Mapping) -> dict[str, float]:
+    """The thresholds `metrics.json` says its metrics were computed at (`THRESHOLD_NAMES` with numeric values;
+    empty when there are none or the entry is not an object)."""
+    recorded = metrics.get("thresholds")
+    if not isinstance(recorded, Mapping):
+        return {}
+    return {k: v for k, v in recorded.items() if k in THRESHOLD_NAMES and isinstance(v, (int, float))}
