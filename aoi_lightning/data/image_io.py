@@ -1,5 +1,6 @@
-"""Image decoding with OpenCV: any common format, mode and bit depth -> RGB uint8, bounded in memory (sizes read
-from the headers by Pillow before decoding); masks read by content whatever their encoding."""
+"""Image decoding: any common format, mode and bit depth -> RGB uint8, bounded in memory (sizes read from the headers
+by Pillow before decoding); masks read by content whatever their encoding. OpenCV decodes, except intact 8-bit
+grey and RGB PNGs, which libspng decodes to the same pixels faster (`_png_fast`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import io
 import logging
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin, WebPImagePlugin
+
+from aoi_lightning.data import spng
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: Largest decoded image kept in memory (pixels); larger images are decoded reduced by 2, 4 or 8, or refused.
@@ -223,6 +227,45 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
 
 
+def _png_chunks_intact(raw: bytes) -> bool:
+    """True when `raw` is PNG chunks from IHDR to IEND whose CRC-32s all match, with no `eXIf` chunk (OpenCV
+    applies EXIF orientation). libspng stops reading once the image is complete and leaves an ancillary chunk with
+    a bad CRC out, where OpenCV (libpng) refuses such files; this walk (about 0.1 ms for 300 KB) sends each of them
+    to OpenCV."""
+    pos, end = 8, len(raw)
+    while pos + 12 <= end:
+        length = int.from_bytes(raw[pos : pos + 4], "big")
+        kind = raw[pos + 4 : pos + 8]
+        stop = pos + 8 + length
+        if stop + 4 > end or kind == b"eXIf":
+            return False
+        if zlib.crc32(raw[pos + 4 : stop]) != int.from_bytes(raw[stop : stop + 4], "big"):
+            return False
+        if kind == b"IEND":
+            return True
+        pos = stop + 4
+    return False
+
+
+def _png_fast(data: np.ndarray) -> np.ndarray | None:
+    """RGB (h, w, 3) uint8 of an intact 8-bit, non-interlaced grey or RGB PNG without EXIF data, decoded by libspng
+    (`spng.decode`: about 0.75x OpenCV's time, for the same pixels); None for any other PNG, or when libspng refuses
+    the file (a zlib checksum that does not match, data cut short), so that OpenCV decodes it, or gives its error,
+    as before.
+    Neither decoder applies gamma, ICC profiles or transparency.
+    """
+    raw = data.tobytes()
+    # IHDR: bit depth at byte 24, colour type at 25 (0 grey, 2 RGB), interlace method at 28
+    if len(raw) < 33 or raw[12:16] != b"IHDR" or raw[24] != 8 or raw[25] not in (0, 2) or raw[28] != 0:
+        return None
+    if not _png_chunks_intact(raw):
+        return None
+    image = spng.decode(raw)
+    if image is None:
+        return None
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image
+
+
 def _reduction(fmt: str, height: int, width: int, path: Path) -> int:
     """1 (full size) or the factor 2, 4 or 8 an image is decoded reduced by; ImageReadError when too large."""
     pixels = height * width
@@ -282,6 +325,10 @@ def read_image_with_size(path: str | Path) -> tuple[np.ndarray, tuple[int, int]]
         raise ImageReadError(f"not a readable image (unknown format, truncated or corrupt): {path}")
     fmt, height, width = header
     factor = _reduction(fmt, height, width, path)
+    if fmt == "png" and factor == 1:
+        fast = _png_fast(data)
+        if fast is not None:
+            return fast, fast.shape[:2]
     flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR if factor == 1 else _REDUCED_FLAGS[factor]
     try:
         image = cv2.imdecode(data, flags)
