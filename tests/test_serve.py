@@ -137,6 +137,53 @@ def test_onnx_records_masks_and_overlays_equal_aoi_run(onnx_server, patchcore_ru
     assert info["versions"]["torch_imported"] is False  # the ONNX worker never imports torch
 
 
+def _documented_calls() -> list[tuple[str, str]]:
+    """(language, code) of every code block of docs/serve.md's "Calling the service"."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "serve.md").read_text(encoding="utf-8")
+    section = text.split("## Calling the service", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(sh|python)\n(.*?)```", section, flags=re.S)
+
+
+def test_documented_curl_and_python_calls_answer_the_record(onnx_server, images, tmp_path):
+    client, _ = onnx_server
+    name = sorted(p.name for p in images.glob("*.png"))[-1]
+    part = tmp_path / "part.png"
+    shutil.copy(images / name, part)
+    expected = client.predict(part.read_bytes(), "image/png", filename="part.png", min_defect_area=20).json()
+    host, port = client.base_url.removeprefix("http://").split(":")
+    calls = _documented_calls()
+    assert [lang for lang, _ in calls] == ["sh", "sh", "python", "python"]
+    for lang, code in calls:
+        code = code.replace("http://127.0.0.1:8000", client.base_url).replace('"127.0.0.1", 8000', f'"{host}", {port}')
+        if lang == "sh":
+            if shutil.which("curl") is None:
+                continue
+            done = subprocess.run(
+                ["bash", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                env={**os.environ, "AOI_SERVE_API_KEY": ""},
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            answer = json.loads(done.stdout)
+            assert answer["image_path"] == "part.png" and len(answer["request_id"]) == 32
+            assert answer["label"] == expected["label"]
+            if "min_defect_area=20" in code:
+                assert_same_record(
+                    {k: v for k, v in answer.items() if k != "request_id"},
+                    {k: v for k, v in expected.items() if k != "request_id"},
+                )
+            else:  # multipart with return_mask
+                assert base64.b64decode(answer["mask_png"]).startswith(b"\x89PNG")
+        else:
+            done = subprocess.run(
+                [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+            )
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.split()[0] in (expected["label"], "200")
+            assert expected["label"] in done.stdout
+
+
 def test_torch_records_equal_aoi_run(patchcore_run, images, run_records, tmp_path):
     written = run_records(patchcore_run, "torch", images, tmp_path / "run")
     audit = tmp_path / "audit"

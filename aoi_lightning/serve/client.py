@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
-import urllib.error
+import threading
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,28 +30,64 @@ class Answer:
 
 
 class ServeClient:
-    """Requests to a running `aoi serve` at `base_url` (e.g. http://127.0.0.1:8000), with an optional API key."""
+    """Requests to a running `aoi serve` at `base_url` (e.g. http://127.0.0.1:8000), with an optional API key.
+
+    Each thread keeps one HTTP/1.1 connection open and sends its requests over it (keep-alive, as a line client
+    should: no TCP set-up per image). A connection the server has closed while idle is noticed before it is
+    reused and opened again; a request that fails on the wire drops its connection and raises OSError.
+    """
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
         self.base_url = base_url.rstrip("/")
+        parts = urllib.parse.urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self._connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self._address = (parts.hostname, parts.port)
+        self._prefix = parts.path.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
+        self._local = threading.local()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and conn.sock is not None and select.select([conn.sock], [], [], 0)[0]:
+            conn.close()  # readable while idle: the server closed it (or sent something unasked)
+            conn = None
+        if conn is None:
+            conn = self._connection_class(*self._address, timeout=self.timeout)
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close this thread's connection (the next request opens a new one)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
 
     def request(
         self, method: str, path: str, body: bytes | None = None, headers: dict | None = None, params: dict | None = None
     ) -> Answer:
-        url = self.base_url + path
+        target = self._prefix + path
         if params:
-            url += "?" + urllib.parse.urlencode(params)
+            target += "?" + urllib.parse.urlencode(params)
         all_headers = dict(headers or {})
         if self.api_key is not None and "X-API-Key" not in all_headers:
             all_headers["X-API-Key"] = self.api_key
-        req = urllib.request.Request(url, data=body, method=method, headers=all_headers)
+        conn = self._connection()
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return Answer(resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read())
-        except urllib.error.HTTPError as exc:
-            return Answer(exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read())
+            conn.request(method, target, body=body, headers=all_headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            if isinstance(exc, OSError):
+                raise
+            raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+        if resp.will_close:
+            self.close()
+        return Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
 
     def get(self, path: str) -> Answer:
         return self.request("GET", path)
