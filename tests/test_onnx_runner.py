@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tiny_onnx import aoi_argv
 
@@ -99,3 +100,22 @@ def test_run_help_and_option_errors_without_torch(tmp_path: Path):
         res.stderr.strip()
         == "aoi run: error: --backend: expected one of torch, onnx, openvino, got onx; did you mean onnx?"
     )
+
+
+def test_spin_wait_is_set_on_the_session_and_serve_turns_it_on(patchcore_run: Path):
+    from aoi_lightning.inference.folder import load_predictor
+    from aoi_lightning.serve.api import InspectionAPI
+
+    key = "session.intra_op.allow_spinning"
+    default = OnnxPredictor.from_run(patchcore_run).session.get_session_options()
+    assert default.get_session_config_entry(key) == "0"  # aoi run, aoi watch: idle threads leave the cores
+    spinning = load_predictor("onnx", patchcore_run, "cpu", spin_wait=True).session.get_session_options()
+    assert spinning.get_session_config_entry(key) == "1"
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    np.testing.assert_array_equal(
+        OnnxPredictor.from_run(patchcore_run).predict(x)[1],
+        OnnxPredictor.from_run(patchcore_run, spin_wait=True).predict(x)[1],
+    )
+    import inspect
+
+    assert inspect.signature(InspectionAPI.__init__).parameters["spin_wait"].default is True

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_batch_size", type=int, default=8)
     parser.add_argument("--batch_timeout", type=float, default=0.0)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--spin_wait", choices=["true", "false"], default="true", help="aoi serve --spin_wait")
     parser.add_argument("--output", default="serve_benchmark.json")
     args = parser.parse_args(argv)
     paths = list_images(Path(args.images), recursive=True)
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             audit = Path(tmp) / f"audit-{backend}"
             extra = ["--device", "cpu", "--max_batch_size", str(args.max_batch_size)]
             extra += ["--batch_timeout", str(args.batch_timeout), "--workers", str(args.workers)]
+            extra += ["--spin_wait", args.spin_wait]
             extra += ["--max_queue", str(max(64, 2 * max(args.concurrency)))]
             with local_server(args.model_dir, backend, audit, *extra, log_path=Path(tmp) / f"{backend}.log") as (
                 client,

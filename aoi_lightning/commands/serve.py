@@ -114,6 +114,7 @@ def serve(
     batch_timeout: float = 0.0,
     workers: int = 1,
     device: Literal["cpu", "cuda", "auto"] = "auto",
+    spin_wait: bool = True,
     api_key_file: str | None = None,
     audit_dir: str = "serve_audit",
     audit_keep_days: int = 30,
@@ -141,6 +142,9 @@ def serve(
             takes the requests already waiting; those arriving while a batch runs form the next one).
         workers: model worker processes (each holds a copy of the model).
         device: where the model runs (auto: cuda when available).
+        spin_wait: onnx: ONNX Runtime's threads busy-wait between operators and for a moment after each forward
+            (its own default): a lone request is answered sooner. false: they sleep at once, leaving the cores to
+            other work (several workers, or other programs, on few cores).
         api_key_file: file holding the API key (first line); else the AOI_SERVE_API_KEY environment variable.
             With a key, every request but /health must send `X-API-Key: <key>` (or `Authorization: Bearer <key>`).
         audit_dir: folder of the audit log (audit-YYYY-MM-DD.jsonl, one line per answered prediction).
@@ -197,6 +201,7 @@ def serve(
             save_ng_images=save_ng_images,
             max_batch_size=max_batch_size,
             batch_timeout=batch_timeout,
+            spin_wait=spin_wait,
         )
         server = build_server(
             api,

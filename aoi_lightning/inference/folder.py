@@ -195,20 +195,21 @@ def run_folder(
 BACKENDS = ("torch", "onnx", "openvino")
 
 
-def load_predictor(backend: str, model_dir: str | Path, device: str = "auto") -> Predictor:
+def load_predictor(backend: str, model_dir: str | Path, device: str = "auto", spin_wait: bool = False) -> Predictor:
     """The model of a run directory behind `backend`: `torch` (weights/model.ckpt), `onnx` (export/model.onnx in
     ONNX Runtime) or `openvino` (export/model.onnx in the OpenVINO runtime); the last two never import torch.
     The runtime's imports and the loaded model are kept out of later garbage collections
-    (`allocator.frozen_after_startup`)."""
+    (`allocator.frozen_after_startup`). `spin_wait`: ONNX Runtime's busy-waiting threads (`OnnxPredictor.from_run`;
+    the other back ends ignore it)."""
     with frozen_after_startup():
-        return _load_predictor(backend, model_dir, device)
+        return _load_predictor(backend, model_dir, device, spin_wait)
 
 
-def _load_predictor(backend: str, model_dir: str | Path, device: str) -> Predictor:
+def _load_predictor(backend: str, model_dir: str | Path, device: str, spin_wait: bool = False) -> Predictor:
     if backend == "onnx":
         from aoi_lightning.inference.onnx_backend import OnnxPredictor
 
-        return OnnxPredictor.from_run(model_dir, device)
+        return OnnxPredictor.from_run(model_dir, device, spin_wait=spin_wait)
     if backend == "openvino":
         from aoi_lightning.inference.openvino_backend import OpenVinoPredictor
 

@@ -181,8 +181,14 @@ class OnnxPredictor:
         self.input_name = session.get_inputs()[0].name
 
     @classmethod
-    def from_run(cls, model_dir: str | Path, device: str = "cpu", threads: int = 0) -> OnnxPredictor:
+    def from_run(
+        cls, model_dir: str | Path, device: str = "cpu", threads: int = 0, spin_wait: bool = False
+    ) -> OnnxPredictor:
         """Open `<run>/export/model.onnx` (or a folder holding model.onnx and export_meta.json) in ONNX Runtime.
+
+        `spin_wait`: ONNX Runtime's threads busy-wait between operators and for a moment after each forward (its
+        own default; `aoi serve`, where the model process has nothing else to run). Off (`aoi run`), they sleep as
+        soon as they have no work, leaving the cores to the decoding and writing threads.
 
         Raises:
             OnnxRunError: missing export or metadata, an input size that differs from the metadata, no thresholds.
@@ -191,9 +197,9 @@ class OnnxPredictor:
 
         export = read_export(model_dir)
         options = ort.SessionOptions()
-        # no busy-waiting of idle ONNX Runtime threads: on a small CPU they would take the cores from the decoding
-        # and writing threads of `aoi run` (transistor PaDiM, 2 cores: 35.6 -> 28.7 ms per image)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # without busy-waiting, idle ONNX Runtime threads leave the cores to the decoding and writing threads of
+        # `aoi run` (transistor PaDiM, 2 cores: 35.6 -> 28.7 ms per image)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         if threads > 0:
             options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]

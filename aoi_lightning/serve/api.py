@@ -156,6 +156,8 @@ class InspectionAPI(ls.LitAPI):
         max_batch_size: largest batch of the dynamic batcher.
         batch_timeout: seconds the batcher waits, after the first request of a batch, for more (`FirstRequestLoop`).
         decode_threads: threads decoding the images of a batch (0: one per CPU, at most `max_batch_size`).
+        spin_wait: ONNX Runtime's threads busy-wait between operators and briefly after each forward
+            (`OnnxPredictor.from_run`).
     """
 
     def __init__(
@@ -171,6 +173,7 @@ class InspectionAPI(ls.LitAPI):
         max_batch_size: int = 8,
         batch_timeout: float = 0.0,
         decode_threads: int = 0,
+        spin_wait: bool = True,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, loop=FirstRequestLoop())
         self.model_dir = str(model_dir)
@@ -181,6 +184,7 @@ class InspectionAPI(ls.LitAPI):
         Path(self.upload_dir).mkdir(parents=True, exist_ok=True)
         self.audit_args = (str(audit_dir), audit_keep_days, audit_fsync, save_ng_images)
         self.decode_threads = decode_threads
+        self.spin_wait = spin_wait
 
     # ---- worker start -----------------------------------------------------------------------------------
     def setup(self, device) -> None:
@@ -188,7 +192,7 @@ class InspectionAPI(ls.LitAPI):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         keep_freed_memory()  # a worker started by spawn does not inherit the CLI process's settings
         enable_startup_freeze()  # the worker process's runtime and model are kept out of later collections
-        self.predictor = load_predictor(self.backend, self.model_dir, self.predictor_device)
+        self.predictor = load_predictor(self.backend, self.model_dir, self.predictor_device, self.spin_wait)
         self.facts = self.predictor.facts
         h, w = self.facts.input_size
         for n in sorted({1, self.max_batch_size}):  # warm-up: first-call allocations and kernel choices
