@@ -20,6 +20,8 @@ import aoi_lightning.data.image_io as image_io
 from aoi_lightning.data import spng
 from aoi_lightning.data.image_io import ImageReadError, read_image_with_size
 
+pytestmark = pytest.mark.torchfree
+
 
 def _picture(h: int = 37, w: int = 53) -> np.ndarray:
     rng = np.random.default_rng(7)
