@@ -251,8 +251,7 @@ def _png_fast(data: np.ndarray) -> np.ndarray | None:
     """RGB (h, w, 3) uint8 of an intact 8-bit, non-interlaced grey or RGB PNG without EXIF data, decoded by libspng
     (`spng.decode`: about 0.75x OpenCV's time, for the same pixels); None for any other PNG, or when libspng refuses
     the file (a zlib checksum that does not match, data cut short), so that OpenCV decodes it, or gives its error,
-    as before.
-    Neither decoder applies gamma, ICC profiles or transparency.
+    as before. Neither decoder applies gamma, ICC profiles or transparency.
     """
     raw = data.tobytes()
     # IHDR: bit depth at byte 24, colour type at 25 (0 grey, 2 RGB), interlace method at 28
