@@ -1,13 +1,12 @@
 """PNG decoding by libspng, called through its C API with ctypes.
 
-libspng (https://libspng.org, BSD-2-Clause) decodes PNGs to the same pixels as libpng in about 0.75x the time (512 px
-transistor images, checks on: 6.7 against 8.7 ms). It
-comes compiled into the pyspng wheel, whose own Python function cannot be used here: it holds the GIL while it
-decodes (two decoding threads ran no faster than one, and they stalled the other threads of `aoi run`), and it turns
-off the CRC and Adler-32 checks (a byte flipped in transfer decoded to a wrong picture). Called with ctypes, every
-libspng call releases the GIL, and the context keeps libspng's checks: a zlib checksum that does not match, or data
-cut short, is an error. libspng stops reading where the image data ends, so `image_io._png_fast` checks every
-chunk's CRC up to IEND first.
+libspng (https://libspng.org, BSD-2-Clause) decodes PNGs to the same pixels as libpng in about 0.75x the time (512
+px transistor images, checks on: 6.7 against 8.7 ms). It comes compiled into the pyspng wheel, whose own Python
+function cannot be used here: it holds the GIL while it decodes (two decoding threads ran no faster than one, and
+they stalled the other threads of `aoi run`), and it turns off the CRC and Adler-32 checks (a byte flipped in
+transfer decoded to a wrong picture). Called with ctypes, every libspng call releases the GIL, and the context keeps
+libspng's checks: a zlib checksum that does not match, or data cut short, is an error. libspng stops reading where
+the image data ends, so `image_io._png_fast` checks every chunk's CRC up to IEND first.
 
 Where the library or its symbols cannot be loaded (a pyspng build that does not export them, a libspng other than
 0.7), `available()` is False and `decode` returns None: the caller decodes with OpenCV.
