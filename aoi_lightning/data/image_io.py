@@ -139,11 +139,11 @@ def image_format(data: np.ndarray | bytes) -> str | None:
     return next((fmt for magic, fmt in _SIGNATURES if head.startswith(magic)), None)
 
 
-def _jpeg_complete(data: np.ndarray) -> bool:
+def _jpeg_complete(data: np.ndarray | bytes) -> bool:
     """True when an end-of-image marker follows the last start-of-scan (inside scan data 0xFF is always
     escaped, so neither marker can occur there): a cut-off JPEG fails this however far it got. Some decoders
     return such a file grey-filled instead of failing; this makes the outcome the same everywhere."""
-    raw = data.tobytes()
+    raw = bytes(data)  # no copy when given bytes
     return raw.rfind(b"\xff\xd9") > raw.rfind(b"\xff\xda") >= 0
 
 
@@ -162,7 +162,7 @@ def jpeg_damage(data: np.ndarray | bytes) -> str | None:
         import simplejpeg
     except ImportError:  # pragma: no cover - a dependency of the project
         return None
-    raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+    raw = bytes(data)  # no copy when given bytes
     try:
         simplejpeg.decode_jpeg(raw, colorspace="GRAY", min_height=1, min_width=1, strict=True)
     except ValueError as exc:
@@ -247,19 +247,16 @@ def _png_chunks_intact(raw: bytes) -> bool:
     return False
 
 
-def _png_fast(data: np.ndarray) -> np.ndarray | None:
+def _png_fast(data: np.ndarray | bytes) -> np.ndarray | None:
     """RGB (h, w, 3) uint8 of an intact 8-bit, non-interlaced grey or RGB PNG without EXIF data, decoded by libspng
     (`spng.decode`: about 0.75x OpenCV's time, for the same pixels); None for any other PNG, or when libspng refuses
     the file (a zlib checksum that does not match, data cut short), so that OpenCV decodes it, or gives its error,
     as before. Neither decoder applies gamma, ICC profiles or transparency.
     """
-    raw = data.tobytes()
-    # IHDR: bit depth at byte 24, colour type at 25 (0 grey, 2 RGB), interlace method at 28
-    if len(raw) < 33 or raw[12:16] != b"IHDR" or raw[24] != 8 or raw[25] not in (0, 2) or raw[28] != 0:
-        return None
+    raw = bytes(data)  # no copy when given bytes
     if not _png_chunks_intact(raw):
         return None
-    image = spng.decode(raw)
+    image = spng.decode(raw)  # None for the PNGs it does not take (from their IHDR)
     if image is None:
         return None
     return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image
@@ -314,9 +311,11 @@ def read_image_with_size(path: str | Path) -> tuple[np.ndarray, tuple[int, int]]
     except OSError as exc:
         raise ImageReadError(f"cannot open {path}: {exc.strerror or exc}") from exc
     if image_format(data) == "jpeg":
-        if not _jpeg_complete(data):
+        raw = data.tobytes()  # one copy for both checks
+        if not _jpeg_complete(raw):
             raise ImageReadError(f"truncated JPEG (the file ends before its end-of-image marker): {path}")
-        damage = jpeg_damage(data)
+        damage = jpeg_damage(raw)
+        del raw  # not kept beside the decoded image
         if damage:
             raise ImageReadError(f"damaged JPEG data ({damage}): {path}")
     header = image_header(data)

@@ -205,7 +205,7 @@ def load_predictor(backend: str, model_dir: str | Path, device: str = "auto", sp
         return _load_predictor(backend, model_dir, device, spin_wait)
 
 
-def _load_predictor(backend: str, model_dir: str | Path, device: str, spin_wait: bool = False) -> Predictor:
+def _load_predictor(backend: str, model_dir: str | Path, device: str, spin_wait: bool) -> Predictor:
     if backend == "onnx":
         from aoi_lightning.inference.onnx_backend import OnnxPredictor
 

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty
 
@@ -137,7 +137,6 @@ class Job:
     loaded: LoadedImage | None = None
     score: float | None = None
     anomaly_map: np.ndarray | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class InspectionAPI(ls.LitAPI):
